@@ -1,0 +1,32 @@
+"""HMST: a sparse MoE transformer with episodic and semantic memory."""
+
+from hmst.configs import (  # noqa: F401
+    HMSTConfig,
+    ModelConfig,
+    get_base_config,
+    get_large_config,
+    get_micro_config,
+    get_small_config,
+    get_tiny_config,
+)
+from hmst.models.base_moe import BaseMoEModel  # noqa: F401
+from hmst.tokenizer import HMSTTokenizer  # noqa: F401
+
+__version__ = "0.1.0"
+
+# Parts of the design's public API that are not built yet. They are absent, and say so,
+# rather than importable shells with random weights.
+_NOT_YET = {
+    "HMSTInferenceEngine": "issue #5 (inference engine)",
+    "MetaController": "issue #5 (meta-controller)",
+    "CriticModel": "issue #5 (critic)",
+    "EpisodicMemorySSM": "issue #4 (memory hierarchy)",
+    "EpisodicMemory": "issue #4 (memory hierarchy)",
+    "SemanticMemory": "issue #4 (memory hierarchy)",
+}
+
+
+def __getattr__(name):
+    if name in _NOT_YET:
+        raise ImportError(f"hmst.{name} is not implemented yet: see {_NOT_YET[name]}")
+    raise AttributeError(f"module 'hmst' has no attribute {name!r}")

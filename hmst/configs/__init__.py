@@ -1,0 +1,18 @@
+from hmst.configs.model_config import (  # noqa: F401
+    PRESETS,
+    ControllerConfig,
+    CriticConfig,
+    HMSTConfig,
+    MemoryConfig,
+    ModelConfig,
+    SSMConfig,
+    TrainConfig,
+    apply_overrides,
+    get_base_config,
+    get_config,
+    get_large_config,
+    get_micro_config,
+    get_small_config,
+    get_tiny_config,
+    load_yaml_overrides,
+)

@@ -1,0 +1,108 @@
+"""Token-level generation: prefill, then one token at a time against the KV cache.
+
+Ids in, ids out. Prompts of different lengths are left-padded and masked, so each row
+decodes exactly as it would alone (RoPE is relative, padded keys are never attended).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from hmst.generation.sampling import SamplingParams, sample_next
+
+
+def _make_generator(seed, device):
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@torch.no_grad()
+def generate_stream(
+    model, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None
+) -> Iterator[torch.Tensor]:
+    """Yield the next token of every row, (B,) per step. A row that emitted `eos_id`
+    keeps emitting it; the stream ends when every row has, or after max_new_tokens."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("empty prompt")
+    max_len = model.config.max_seq_len
+    lens = [len(p) for p in prompts]
+    B, T = len(prompts), max(lens)
+    if T >= max_len:
+        raise ValueError(
+            f"prompt of {T} tokens leaves no room in the {max_len}-token context"
+        )
+    total = min(T + params.max_new_tokens, max_len)
+    device = model.embed.weight.device
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    valid = torch.ones(B, total, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p) :] = torch.tensor(p, device=device)
+        valid[i, : T - len(p)] = False
+    padded = min(lens) != T
+    mask = None
+    if padded:
+        causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        mask = (causal[None] & valid[:, None, :T]).unsqueeze(1)  # (B, 1, T, T)
+    caches = model.allocate_kv_cache(B, total)
+    gen = _make_generator(params.seed, device)
+    logits = prefill(model, ids, caches, mask)
+    context = ids
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = total - T
+    for step in range(n_new):
+        nxt = sample_next(logits, params, gen, context)
+        if eos_id is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, eos_id), nxt)
+            finished |= nxt == eos_id
+        yield nxt
+        if step == n_new - 1 or bool(finished.all()):
+            return
+        pos = T + step
+        mask = valid[:, None, None, : pos + 1] if padded else None
+        logits = decode_one_token(model, nxt, caches, pos, mask)
+        if params.repetition_penalty != 1.0:
+            context = torch.cat([context, nxt[:, None]], dim=1)
+
+
+def prefill(model, ids_BT, caches, mask=None):
+    return model(ids_BT, kv_caches=caches, pos=0, attn_mask=mask, last_only=True)[
+        "logits"
+    ][:, -1]
+
+
+def decode_one_token(model, tok_B, caches, pos: int, mask=None):
+    out = model(
+        tok_B[:, None], kv_caches=caches, pos=pos, attn_mask=mask, last_only=True
+    )
+    return out["logits"][:, -1]
+
+
+@torch.no_grad()
+def generate(
+    model,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 50,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    top_p: float = 0.9,
+    repetition_penalty: float = 1.0,
+    seed: int | None = None,
+    eos_token_id: int | None = None,
+) -> torch.Tensor:
+    """HF-style: (B, T) ids -> (B, T + n) ids (rows that hit EOS are EOS-padded)."""
+    params = SamplingParams(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    prompts = input_ids.tolist()
+    steps = list(generate_stream(model, prompts, params, eos_token_id))
+    if not steps:
+        return input_ids
+    return torch.cat([input_ids, torch.stack(steps, dim=1).to(input_ids.device)], dim=1)

@@ -1,0 +1,118 @@
+"""Transformer building blocks: RoPE, causal attention with a KV cache, SwiGLU.
+
+Shape legend: B batch, T new tokens, S cached + new tokens, H query heads,
+Hkv key/value heads, Dh head dim, D d_model, F expert hidden width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hmst.configs.model_config import ModelConfig
+
+
+def rope_tables(
+    max_seq_len: int, head_dim: int, theta: float
+) -> tuple[torch.Tensor, ...]:
+    """cos/sin tables (max_seq_len, head_dim), rotate-half layout (as Llama/Mixtral)."""
+    inv_freq = 1.0 / (
+        theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    )
+    t = torch.arange(max_seq_len, dtype=torch.float32)
+    freqs = torch.outer(t, inv_freq)  # (L, Dh/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (L, Dh)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, Dh); cos/sin (T, Dh) or (B, 1, T, Dh)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated per-layer key/value cache (gpt-fast shape).
+
+    `update(pos, k, v)` writes the new keys/values at positions [pos, pos + T) and returns
+    the valid prefix [0, pos + T) of the cache.
+    """
+
+    def __init__(
+        self, batch_size, max_seq_len, n_kv_heads, head_dim, dtype, device=None
+    ):
+        super().__init__()
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), False)
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.k.shape[2]
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor):
+        end = pos + k.shape[2]
+        if end > self.max_seq_len:
+            raise ValueError(
+                f"KV cache overflow: position {end} > capacity {self.max_seq_len}"
+            )
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            cfg.n_heads,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+        )
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.d_model, bias=False)
+        self.dropout = cfg.dropout
+
+    def forward(
+        self, x, cos, sin, cache: KVCache | None = None, pos: int = 0, mask=None
+    ):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
+        # Causal: a fresh sequence uses is_causal; new tokens after a cached prefix need an
+        # explicit mask unless it is a single token (which may see everything cached).
+        is_causal = mask is None and k.shape[2] == T and T > 1
+        if mask is None and not is_causal and T > 1:
+            S = k.shape[2]
+            mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=is_causal,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    """silu(x W1) * (x W3) W2, with W1 and W3 fused into one matmul (`w13`)."""
+
+    def __init__(self, d_model: int, d_ff: int):
+        super().__init__()
+        self.w13 = nn.Linear(d_model, 2 * d_ff, bias=False)
+        self.w2 = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x):
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.w2(F.silu(gate) * up)

@@ -1,0 +1,112 @@
+"""Sparse mixture of SwiGLU experts with top-k routing.
+
+Shape legend: T tokens (batch flattened), D d_model, E experts, K experts per token,
+A = T*K token-expert assignments.
+
+Dispatch (`grouped_experts`): the A assignments are sorted by expert, the token rows
+gathered once, each expert runs one matmul pair on its contiguous slice, and the results
+are un-permuted and combined with the gate weights by one batched matmul. The only host
+sync is one `tolist()` of the E counts per layer. `reference_experts` is the per-token
+loop that defines the result (tests check both agree in outputs and gradients).
+
+Router runs in fp32. Losses follow Switch (load balance: E * sum_e f_e * P_e, equal to 1
+at perfect balance) and ST-MoE (z-loss: mean logsumexp(logits)^2).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from hmst.configs.model_config import ModelConfig
+from hmst.models.layers import SwiGLU
+
+
+class RouterOutput(NamedTuple):
+    topk_idx_TK: torch.Tensor  # chosen experts, long
+    gates_TK: torch.Tensor  # renormalised top-k probabilities (sum to 1 per token)
+    probs_mean_E: torch.Tensor  # mean router probability per expert (differentiable)
+    counts_E: torch.Tensor  # assignments per expert (long, no grad)
+    z_loss: torch.Tensor  # scalar
+
+
+def load_balance_loss(
+    counts_E: torch.Tensor, probs_mean_E: torch.Tensor
+) -> torch.Tensor:
+    """Switch load-balancing loss E * sum_e f_e * P_e, with f_e the fraction of the
+    token-expert assignments routed to e (so 1.0 means perfectly balanced)."""
+    f_E = counts_E.float() / counts_E.sum().clamp(min=1)
+    return probs_mean_E.numel() * (f_E * probs_mean_E).sum()
+
+
+class Router(nn.Module):
+    def __init__(self, d_model: int, n_experts: int, top_k: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, n_experts, bias=False)
+        self.n_experts, self.top_k = n_experts, top_k
+
+    def forward(self, x_TD: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
+        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
+        probs_TE = logits_TE.softmax(dim=-1)
+        # `expert_bias_E` (e.g. the meta-controller's expert preference, added in log
+        # space) changes which experts are chosen, not the balance statistics.
+        select_TE = probs_TE if expert_bias_E is None else logits_TE + expert_bias_E
+        topk_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
+        gates_TK = probs_TE.gather(1, topk_idx_TK)
+        gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts)
+        z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
+        return RouterOutput(topk_idx_TK, gates_TK, probs_TE.mean(0), counts_E, z_loss)
+
+
+def grouped_experts(x_TD, topk_idx_TK, gates_TK, counts_E, experts: nn.ModuleList):
+    """Vectorised dispatch: sort assignments by expert, one matmul pair per expert slice.
+
+    Every expert is called, on an empty slice if it got no tokens, so that all expert
+    parameters join the autograd graph (DDP needs that) and no rank skips work.
+    """
+    T, K = topk_idx_TK.shape
+    order_A = topk_idx_TK.flatten().argsort(stable=True)
+    x_AD = x_TD.index_select(0, order_A // K)
+    chunks = x_AD.split(counts_E.tolist())  # the single host sync of the layer
+    y_AD = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)])
+    inverse_A = torch.empty_like(order_A)
+    inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
+    y_TKD = y_AD.index_select(0, inverse_A).view(T, K, -1)
+    # (T, 1, K) @ (T, K, D): the gate-weighted sum over each token's K experts.
+    return torch.bmm(gates_TK.to(y_TKD.dtype).unsqueeze(1), y_TKD).squeeze(1)
+
+
+def reference_experts(x_TD, topk_idx_TK, gates_TK, counts_E, experts: nn.ModuleList):
+    """The specification: every token, every chosen expert, one at a time."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        acc = 0
+        for k in range(topk_idx_TK.shape[1]):
+            e = int(topk_idx_TK[t, k])
+            acc = acc + gates_TK[t, k].to(x_TD.dtype) * experts[e](x_TD[t : t + 1])[0]
+        rows.append(acc)
+    return torch.stack(rows)
+
+
+class MoE(nn.Module):
+    """Router + routed SwiGLU experts. Returns the output and the router's statistics."""
+
+    dispatch = staticmethod(grouped_experts)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.router = Router(cfg.d_model, cfg.n_experts, cfg.num_experts_per_tok)
+        self.experts = nn.ModuleList(
+            SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts)
+        )
+
+    def forward(self, x_BTD: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        r = self.router(x_TD, expert_bias_E)
+        y_TD = self.dispatch(x_TD, r.topk_idx_TK, r.gates_TK, r.counts_E, self.experts)
+        return y_TD.view(B, T, D), r
