@@ -3,7 +3,7 @@ from setuptools import find_packages, setup
 setup(
     name="hmst",
     version="0.1.0",
-    description="Hierarchical Memory-State Transformer: sparse MoE LM with memory tiers",
+    description="Hierarchical Memory-State Transformer: sparse MoE LM with memory",
     long_description=open("README.md").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
@@ -20,9 +20,15 @@ setup(
     ],
     extras_require={
         "data": ["datasets>=2.19"],
-        "dev": ["pytest>=8", "black>=24", "flake8>=7", "transformers>=5.0", "pexpect>=4.8"],
+        "dev": [
+            "pytest>=8",
+            "black>=24",
+            "flake8>=7",
+            "transformers>=5.0",
+            "pexpect>=4.8",
+        ],
         "8bit": ["bitsandbytes>=0.45"],
-        # Needs nvcc and a CUDA build of torch; without it the pure-PyTorch scan is used.
+        # Needs nvcc and a CUDA torch; without it the pure-PyTorch scan is used.
         "mamba": ["mamba-ssm>=2.2", "causal-conv1d>=1.4"],
         # Install with DS_BUILD_OPS=0 (ops JIT-build on first use).
         "deepspeed": ["deepspeed>=0.15"],

@@ -6,9 +6,9 @@
     trainer_state.json   step, epoch, best val loss, ... (training checkpoints only)
     trainer_state.pt     optimizer/scheduler/sampler/RNG tensors, read with weights_only
 
-A save writes `<dir>.tmp`, then swaps it in with renames; a crash at any point leaves the
-previous checkpoint loadable (as `<dir>`, or `<dir>.old` between the two renames, which
-`resolve` falls back to). Nothing is ever unpickled.
+A save writes `<dir>.tmp`, then swaps it in with renames; a crash at any point leaves
+the previous checkpoint loadable (as `<dir>`, or as `<dir>.old` between the two
+renames, which `resolve` falls back to). Nothing is ever unpickled.
 """
 
 from __future__ import annotations
@@ -77,7 +77,8 @@ def save_checkpoint(
 ) -> None:
     if tokenizer is not None and tokenizer.vocab_size != model.config.vocab_size:
         raise ValueError(
-            f"tokenizer vocab {tokenizer.vocab_size} != model vocab {model.config.vocab_size}"
+            f"tokenizer vocab {tokenizer.vocab_size} != "
+            f"model vocab {model.config.vocab_size}"
         )
 
     def write(tmp):
@@ -128,7 +129,8 @@ def load_tokenizer(path: str, expect_vocab: int | None = None) -> HMSTTokenizer:
     tok = HMSTTokenizer.load(os.path.join(resolve(path), TOKENIZER_FILE))
     if expect_vocab is not None and tok.vocab_size != expect_vocab:
         raise ValueError(
-            f"tokenizer vocab {tok.vocab_size} does not match the model's {expect_vocab}"
+            f"tokenizer vocab {tok.vocab_size} does not match "
+            f"the model's {expect_vocab}"
         )
     return tok
 

@@ -1,7 +1,7 @@
 """Text -> token shards, and the batch sampler used for training and evaluation.
 
 On-disk format of a pre-tokenized directory:
-    manifest.json      {format, dtype, vocab_size, tokenizer_hash, num_tokens, shards: [...]}
+    manifest.json      {format, dtype, vocab_size, tokenizer_hash, num_tokens, shards}
     shard_00000.bin    raw little-endian uint16 (vocab <= 65535) or uint32 token ids
     tokenizer.json     the tokenizer that produced the ids
 Documents are separated by EOS. Training windows are drawn by a `torch.Generator`
@@ -203,7 +203,7 @@ def load_pretokenized(path: str, tokenizer: HMSTTokenizer | None = None) -> Toke
 class BatchSampler:
     """Random training windows of `seq_len + 1` tokens, drawn for the *global* batch
     from a private generator; each rank takes its slice. Same seed and global batch give
-    the same data on 1 or N processes. `state_dict` / `load_state_dict` make it resumable.
+    the same data on 1 or N processes. `state_dict` / `load_state_dict` resume it.
     """
 
     def __init__(self, data: TokenData, seq_len: int, seed: int):
@@ -211,7 +211,8 @@ class BatchSampler:
         counts = [max(len(s) - seq_len, 0) for s in data.segments]  # valid starts
         if sum(counts) == 0:
             raise ValueError(
-                f"corpus has {data.num_tokens} tokens: fewer than one training sequence "
+                f"corpus has {data.num_tokens} tokens: fewer than one training "
+                "sequence "
                 f"({seq_len + 1} tokens); lower --seq-len or add text"
             )
         self.cum = torch.tensor(np.cumsum([0] + counts), dtype=torch.long)
@@ -225,7 +226,7 @@ class BatchSampler:
     def next_batches(
         self, global_batch: int, micro_batches: int, rank: int, world: int
     ):
-        """One optimizer step's data: a list of `micro_batches` (x, y) pairs for `rank`."""
+        """One optimizer step's data: `micro_batches` (x, y) pairs for `rank`."""
         if global_batch % world:
             raise ValueError(
                 f"global batch {global_batch} not divisible by {world} ranks"
@@ -265,3 +266,60 @@ def eval_windows(data: TokenData, seq_len: int, max_windows: int) -> list[np.nda
             f"({seq_len + 1} tokens)"
         )
     return windows
+
+
+def preprocess(
+    inputs: list[str],
+    output: str,
+    tokenizer: HMSTTokenizer,
+    shard_tokens: int = 100_000_000,
+) -> dict:
+    """Text files/dirs -> a pre-tokenized directory (see module docstring)."""
+    docs = read_documents(inputs)
+    ids = tokenize_documents(tokenizer, docs)
+    extra = {
+        "num_documents": len(docs),
+        "sources": [os.path.abspath(p) for p in inputs],
+    }
+    return write_pretokenized(output, ids, tokenizer, shard_tokens, extra)
+
+
+def split_pretokenized(
+    src: str,
+    train_out: str,
+    val_out: str,
+    val_fraction: float,
+    seed: int,
+    block_tokens: int = 2048,
+) -> tuple[dict, dict]:
+    """Deterministic (by seed) train/val split of a pre-tokenized directory.
+
+    The unit is a document (EOS-terminated) when there are at least 10 of them, else a
+    block of `block_tokens`, so a single long text still splits into many pieces."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val fraction must be in (0, 1), got {val_fraction}")
+    tokenizer = HMSTTokenizer.load(src)
+    ids = np.concatenate(load_pretokenized(src, tokenizer).segments)
+    ends = np.flatnonzero(ids == tokenizer.eos_id) + 1
+    bounds = np.concatenate([[0], ends[ends < len(ids)], [len(ids)]])
+    if len(bounds) - 1 < 10:
+        bounds = np.unique(np.append(np.arange(0, len(ids), block_tokens), len(ids)))
+    units = [ids[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    if len(units) < 2:
+        raise ValueError(f"{src} is too small to split ({len(ids)} tokens)")
+    perm = torch.randperm(len(units), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(len(units) * val_fraction))
+    val_idx = sorted(perm[:n_val].tolist())
+    train_idx = sorted(perm[n_val:].tolist())
+    meta = {
+        "split_of": os.path.abspath(src),
+        "seed": seed,
+        "val_fraction": val_fraction,
+    }
+    train_m = write_pretokenized(
+        train_out, np.concatenate([units[i] for i in train_idx]), tokenizer, extra=meta
+    )
+    val_m = write_pretokenized(
+        val_out, np.concatenate([units[i] for i in val_idx]), tokenizer, extra=meta
+    )
+    return train_m, val_m

@@ -1,6 +1,7 @@
 """Configuration: one dataclass per component, nested in `HMSTConfig`.
 
-Presets are named overrides of the defaults (`PRESETS`); `get_<size>_config()` builds one.
+Presets are named overrides of the defaults (`PRESETS`); `get_<size>_config()` builds
+one.
 Cross-field invariants are checked in `__post_init__` and raise `ValueError`.
 Configs round-trip through JSON (`to_dict` / `from_dict`), and YAML files plus
 dotted CLI overrides (`model.d_model=512`) are applied by `apply_overrides`.
@@ -150,7 +151,7 @@ class CriticConfig:
 
 @dataclass
 class TrainConfig:
-    """Pretraining loop (`hmst.training.pretrain`). CLI flags map 1:1 onto these fields."""
+    """Pretraining loop (`hmst.training.pretrain`). CLI flags map 1:1 onto fields."""
 
     epochs: int = 1
     """Passes of `steps_per_epoch` optimizer steps each."""

@@ -1,4 +1,4 @@
-"""BaseMoEModel: token embedding -> N x (attention + sparse MoE) -> RMSNorm -> tied head.
+"""BaseMoEModel: embedding -> N x (attention + sparse MoE) -> RMSNorm -> tied head.
 
 Shape legend: B batch, T tokens, D d_model, V vocab, L layers, E experts.
 """
@@ -35,8 +35,9 @@ class BaseMoEModel(nn.Module):
     """Sparse MoE decoder-only transformer.
 
     Build from keyword arguments as in the design
-    (`BaseMoEModel(vocab_size, d_model, n_layers, n_heads, d_ff, n_experts, max_seq_len)`,
-    plus any other `ModelConfig` field) or from a config (`BaseMoEModel(config=cfg.model)`).
+    (`BaseMoEModel(vocab_size, d_model, n_layers, n_heads, d_ff, n_experts,
+    max_seq_len)`, plus any other `ModelConfig` field) or from a config
+    (`BaseMoEModel(config=cfg.model)`).
 
     `forward(input_ids)` returns a dict with `logits` (B, T, V), `load_balance_loss`,
     `router_z_loss`, `expert_counts` (L, E) and `router_probs` (L, E); with `targets`
@@ -191,7 +192,7 @@ class BaseMoEModel(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 50, **sampling):
-        """HF-style convenience: ids (B, T) in, ids (B, T + new) out. See hmst.generation."""
+        """HF-style: ids (B, T) in, ids (B, T + new) out. See hmst.generation."""
         from hmst.generation import generate
 
         return generate(self, input_ids, max_new_tokens=max_new_tokens, **sampling)

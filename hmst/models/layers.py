@@ -36,8 +36,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache(nn.Module):
     """Preallocated per-layer key/value cache (gpt-fast shape).
 
-    `update(pos, k, v)` writes the new keys/values at positions [pos, pos + T) and returns
-    the valid prefix [0, pos + T) of the cache.
+    `update(pos, k, v)` writes the new keys/values at positions [pos, pos + T) and
+    returns the valid prefix [0, pos + T) of the cache.
     """
 
     def __init__(
@@ -87,8 +87,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
-        # Causal: a fresh sequence uses is_causal; new tokens after a cached prefix need an
-        # explicit mask unless it is a single token (which may see everything cached).
+        # Causal: a fresh sequence uses is_causal; new tokens after a cached prefix need
+        # an explicit mask, unless it is one token (which may see everything cached).
         is_causal = mask is None and k.shape[2] == T and T > 1
         if mask is None and not is_causal and T > 1:
             S = k.shape[2]

@@ -63,7 +63,7 @@ class Router(nn.Module):
 
 
 def grouped_experts(x_TD, topk_idx_TK, gates_TK, counts_E, experts: nn.ModuleList):
-    """Vectorised dispatch: sort assignments by expert, one matmul pair per expert slice.
+    """Vectorised dispatch: sort assignments by expert, one matmul pair per slice.
 
     Every expert is called, on an empty slice if it got no tokens, so that all expert
     parameters join the autograd graph (DDP needs that) and no rank skips work.
@@ -93,7 +93,7 @@ def reference_experts(x_TD, topk_idx_TK, gates_TK, counts_E, experts: nn.ModuleL
 
 
 class MoE(nn.Module):
-    """Router + routed SwiGLU experts. Returns the output and the router's statistics."""
+    """Router + routed SwiGLU experts. Returns the output and the router stats."""
 
     dispatch = staticmethod(grouped_experts)
 

@@ -45,8 +45,8 @@ FLAG_FIELDS = {
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="train.py",
-        description="Pretrain the HMST MoE language model (Accelerate: 1 CPU, 1 GPU or N "
-        "processes via torchrun / accelerate launch).",
+        description="Pretrain the HMST MoE language model (Accelerate: 1 CPU, 1 GPU "
+        "or N processes via torchrun / accelerate launch).",
     )
     p.add_argument("data", nargs="+", help="text files/dirs, or --pretokenized dirs")
     p.add_argument("--model-size", default="micro", help=f"one of {', '.join(PRESETS)}")
@@ -56,24 +56,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one config field (repeatable), e.g. --set model.d_ff=512",
     )  # fmt: skip
     p.add_argument("--output-dir", default="checkpoints/run")
-    p.add_argument("--pretokenized", action="store_true", help="data are preprocess_data.py dirs")
+    p.add_argument(
+        "--pretokenized", action="store_true", help="data are preprocess_data.py dirs"
+    )
     val = p.add_mutually_exclusive_group()
-    val.add_argument("--val-split", type=float, help="hold out this fraction (the tail)")
-    val.add_argument("--val-file", nargs="+", help="separate validation text files/dirs")
-    p.add_argument("--tokenizer-path", help="reuse a tokenizer.json (or a checkpoint dir)")
-    p.add_argument("--resume", help="'auto' (OUTPUT_DIR/last if present) or a checkpoint dir")
+    val.add_argument(
+        "--val-split", type=float, help="hold out this fraction (the tail)"
+    )
+    val.add_argument(
+        "--val-file", nargs="+", help="separate validation text files/dirs"
+    )
+    p.add_argument(
+        "--tokenizer-path", help="reuse a tokenizer.json (or a checkpoint dir)"
+    )
+    p.add_argument(
+        "--resume", help="'auto' (OUTPUT_DIR/last if present) or a checkpoint dir"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--steps-per-epoch", type=int)
     p.add_argument("--max-steps", type=int)
-    p.add_argument("--max-time", type=float, help="seconds; then evaluate, save and stop")
-    p.add_argument("--batch-size", type=int, help="sequences per micro-batch per process")
+    p.add_argument(
+        "--max-time", type=float, help="seconds; then evaluate, save and stop"
+    )
+    p.add_argument(
+        "--batch-size", type=int, help="sequences per micro-batch per process"
+    )
     p.add_argument("--gradient-accumulation-steps", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--eval-every", type=int, help="optimizer steps between evals/saves")
     p.add_argument("--eval-batches", type=int)
-    p.add_argument("--patience", type=int, help="evals without improvement before stopping")
-    p.add_argument("--save-every", type=int, help="keep an epoch_N snapshot every N epochs")
+    p.add_argument(
+        "--patience", type=int, help="evals without improvement before stopping"
+    )
+    p.add_argument(
+        "--save-every", type=int, help="keep an epoch_N snapshot every N epochs"
+    )
     p.add_argument("--log-every", type=int)
     p.add_argument("--seq-len", type=int, help="context length (model.max_seq_len)")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary to train")
@@ -82,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--use-8bit-optimizer", action="store_true", default=None)
     p.add_argument("--mixed-precision", action="store_true", default=None)
-    p.add_argument("--gpu-ids", type=int, nargs="+", help="restrict to these CUDA devices")
+    p.add_argument(
+        "--gpu-ids", type=int, nargs="+", help="restrict to these CUDA devices"
+    )
     return p
 
 

@@ -1,4 +1,4 @@
-"""Stage 1 pretraining: one Accelerate code path for 1 CPU process, 1 GPU or N processes.
+"""Stage 1 pretraining: one Accelerate code path for 1 CPU process, 1 GPU or N ranks.
 
     prepare data -> build model/optimizer -> (resume) -> loop:
         sample the global batch -> per micro-batch: forward, backward (accumulate)
@@ -63,8 +63,8 @@ def pick_mixed_precision(requested: bool) -> str:
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     print(
-        "warning: --mixed-precision ignored on CPU (bf16 matmul is far slower than fp32 "
-        "on CPUs without bf16 units); training in fp32",
+        "warning: --mixed-precision ignored on CPU (bf16 matmul is far slower than "
+        "fp32 on CPUs without bf16 units); training in fp32",
         file=sys.stderr,
     )
     return "no"
@@ -194,7 +194,7 @@ def resolve_resume(args: DataArgs) -> str | None:
     return ckpt.resolve(args.resume)
 
 
-# -- the loop ---------------------------------------------------------------------------
+# -- the loop -----------------------------------------------------------------------
 
 
 def run(cfg: HMSTConfig, args: DataArgs) -> dict:
@@ -229,8 +229,8 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
     if tokenizer.vocab_size != cfg.model.vocab_size:
         if resume_dir:
             raise ValueError(
-                f"tokenizer vocab {tokenizer.vocab_size} does not match the checkpoint's "
-                f"model vocab {cfg.model.vocab_size}"
+                f"tokenizer vocab {tokenizer.vocab_size} does not match the "
+                f"checkpoint's model vocab {cfg.model.vocab_size}"
             )
         cfg.model.vocab_size = tokenizer.vocab_size  # the tokenizer defines the vocab
     seq = cfg.model.max_seq_len
@@ -277,9 +277,11 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
         cfg.save(os.path.join(args.output_dir, "config.json"))
         n_total, n_active = cfg.model.num_params(), cfg.model.num_params(active=True)
         print(
-            f"hmst: {cfg.name} model {n_total / 1e6:.2f}M params ({n_active / 1e6:.2f}M "
+            f"hmst: {cfg.name} model {n_total / 1e6:.2f}M params "
+            f"({n_active / 1e6:.2f}M "
             f"active) | vocab {tokenizer.vocab_size} | train {train_data.num_tokens:,} "
-            f"tokens, val {val_data.num_tokens if val_data else 0:,} | {acc.num_processes} "
+            f"tokens, val {val_data.num_tokens if val_data else 0:,} | "
+            f"{acc.num_processes} "
             f"process(es) on {acc.device}, {acc.mixed_precision} precision | "
             f"{total_steps} steps x {step_tokens:,} tokens"
             + (
@@ -352,7 +354,7 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
             with acc.accumulate(model):
                 with acc.autocast():
                     out = model(x, targets=y)
-                # Balance statistics over the global batch (exact across process counts).
+                # Balance statistics over the global batch (exact across ranks).
                 counts = acc.reduce(out["expert_counts"].detach(), "sum")
                 lb = torch.stack(
                     [
@@ -439,7 +441,8 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
     if main:
         metrics_f.close()
         print(
-            f"hmst: {stop_reason} at step {meta['step']}; checkpoints in {args.output_dir}"
+            f"hmst: {stop_reason} at step {meta['step']}; "
+            f"checkpoints in {args.output_dir}"
         )
     acc.end_training()
     return summary
