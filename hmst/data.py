@@ -23,6 +23,7 @@ from hmst.tokenizer import HMSTTokenizer
 MANIFEST = "manifest.json"
 FORMAT = "hmst-tokens-v1"
 TEXT_SUFFIXES = (".txt", ".md", ".text")
+TABLE_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 CHUNK_CHARS = 1 << 20  # texts are encoded in ~1 MiB line-aligned chunks, in parallel
 
 
@@ -50,6 +51,9 @@ def read_documents(inputs: list[str]) -> list[str]:
             raise FileNotFoundError(f"input not found: {path}")
     docs = []
     for f in files:
+        if os.path.splitext(f)[1] in TABLE_SUFFIXES:
+            docs += _read_table(f)
+            continue
         with open(f, encoding="utf-8", errors="strict") as fh:
             try:
                 docs.append(fh.read())
@@ -58,6 +62,19 @@ def read_documents(inputs: list[str]) -> list[str]:
     if not any(d.strip() for d in docs):
         raise ValueError(f"corpus is empty: {', '.join(inputs)}")
     return [d for d in docs if d]
+
+
+def _read_table(path: str) -> list[str]:
+    """JSON lines / parquet files: one document per row, from its "text" column."""
+    try:
+        import datasets
+    except ImportError:
+        raise ImportError(f"reading {path} needs `datasets`: pip install 'hmst[data]'")
+    fmt = TABLE_SUFFIXES[os.path.splitext(path)[1]]
+    ds = datasets.load_dataset(fmt, data_files=path, split="train")
+    if "text" not in ds.column_names:
+        raise ValueError(f"{path} has no 'text' column (columns: {ds.column_names})")
+    return [t for t in ds["text"] if t]
 
 
 def split_documents_tail(

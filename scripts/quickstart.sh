@@ -7,6 +7,6 @@ OUT=${OUT:-checkpoints/micro}
 python -m pip install -q -r requirements.txt
 python -m pip install -q --no-deps -e .
 python train.py data/tinyshakespeare.txt --val-split 0.1 --model-size micro \
-    --max-steps ${STEPS:-300} --max-time ${MAX_TIME:-660} --eval-every 50 \
+    --max-steps ${STEPS:-280} --max-time ${MAX_TIME:-660} --eval-every 50 \
     --output-dir "$OUT" --resume auto
 python inference.py "$OUT/best" --prompt "ROMEO:" --max-length 120 --seed 0

@@ -20,7 +20,7 @@ from typing import Any
 class ModelConfig:
     """The sparse MoE transformer (`BaseMoEModel`)."""
 
-    vocab_size: int = 4096
+    vocab_size: int = 8192
     """Tokenizer vocabulary size (BOS/EOS/PAD included)."""
     d_model: int = 256
     """Residual stream width."""
@@ -158,7 +158,7 @@ class TrainConfig:
     steps_per_epoch: int | None = None
     """Optimizer steps per epoch; None means one pass over the training tokens."""
     max_steps: int | None = None
-    """Hard cap on optimizer steps (overrides epochs * steps_per_epoch when smaller)."""
+    """Total optimizer steps; overrides epochs * steps_per_epoch (as HF Trainer)."""
     max_time: float | None = None
     """Stop (and checkpoint) after this many seconds of training."""
     batch_size: int = 16
@@ -278,7 +278,7 @@ _SECTION_TYPES = {
 # quarter of the expert parameters, so the design's "12B total, 2B active" is not
 # reachable; `base` is ~12B total / ~3.3B active.
 PRESETS: dict[str, dict[str, Any]] = {
-    "micro": dict(model=dict()),  # d256 L4 H8 E8 top-2 ff1024: ~9M total... see counts
+    "micro": dict(model=dict()),  # the defaults: d256 L4 H8, 8 experts top-2, ff 1024
     "tiny": dict(
         model=dict(
             vocab_size=32000,
@@ -345,7 +345,7 @@ def get_config(size: str) -> HMSTConfig:
 
 
 def get_micro_config() -> HMSTConfig:
-    """~27M total / ~10M active: every component runs on CPU in seconds."""
+    """~28M total / ~9.4M active: every component runs on CPU in seconds."""
     return get_config("micro")
 
 

@@ -245,9 +245,8 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
     global_batch = tc.batch_size * acc.num_processes
     step_tokens = global_batch * tc.gradient_accumulation_steps * seq
     steps_per_epoch = tc.steps_per_epoch or max(1, train_data.num_tokens // step_tokens)
-    total_steps = tc.epochs * steps_per_epoch
-    if tc.max_steps:
-        total_steps = min(total_steps, tc.max_steps)
+    # As in HF Trainer: max_steps, when given, overrides epochs.
+    total_steps = tc.max_steps or tc.epochs * steps_per_epoch
 
     model = BaseMoEModel(config=cfg.model)
     if resume_dir:
@@ -323,7 +322,16 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                     + (" *" if improved else "")
                 )
             if improved:
-                save("best")
+                # `best` serves inference: weights, config, tokenizer; no optimizer.
+                if acc.is_main_process:
+                    ckpt.save_checkpoint(
+                        os.path.join(args.output_dir, "best"),
+                        acc.unwrap_model(model),
+                        cfg,
+                        tokenizer,
+                        state_meta={**meta, "best_of_run": True},
+                    )
+                acc.wait_for_everyone()
             stop = tc.patience is not None and meta["bad_evals"] >= tc.patience
         save("last")
         return stop
