@@ -54,15 +54,13 @@ class ModelConfig:
     """Share the input embedding with the output head."""
 
     def __post_init__(self):
-        if self.n_kv_heads is None:
-            self.n_kv_heads = self.n_heads
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model {self.d_model} not divisible by n_heads {self.n_heads}"
             )
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("head dimension must be even for RoPE")
-        if self.n_heads % self.n_kv_heads:
+        if self.n_heads % self.kv_heads:
             raise ValueError(f"n_heads {self.n_heads} not divisible by n_kv_heads")
         if not 1 <= self.num_experts_per_tok <= self.n_experts:
             raise ValueError(
@@ -76,13 +74,18 @@ class ModelConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads actually used (n_kv_heads, defaulting to n_heads)."""
+        return self.n_kv_heads or self.n_heads
+
+    @property
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
     def num_params(self, active: bool = False) -> int:
         """Analytic parameter count. `active`: only the top-k experts of each layer."""
         d, hd = self.d_model, self.head_dim
-        attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2  # q,o + k,v
+        attn = d * self.n_heads * hd * 2 + d * self.kv_heads * hd * 2  # q,o + k,v
         experts = self.num_experts_per_tok if active else self.n_experts
         moe = (
             d * self.n_experts + experts * 3 * d * self.d_ff

@@ -120,7 +120,7 @@ class BaseMoEModel(nn.Module):
             )
         c = self.config
         return [
-            KVCache(batch_size, n, c.n_kv_heads, c.head_dim, dtype or p.dtype, p.device)
+            KVCache(batch_size, n, c.kv_heads, c.head_dim, dtype or p.dtype, p.device)
             for _ in range(c.n_layers)
         ]
 

@@ -202,7 +202,10 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
     tc = cfg.train
     if tc.num_threads:
         torch.set_num_threads(tc.num_threads)
+    # cpu=True on GPU-less machines: without it Accelerate does not form the gloo group
+    # under torchrun and every rank trains alone.
     acc = Accelerator(
+        cpu=not torch.cuda.is_available(),
         mixed_precision=pick_mixed_precision(tc.mixed_precision),
         gradient_accumulation_plugin=GradientAccumulationPlugin(
             num_steps=tc.gradient_accumulation_steps, sync_with_dataloader=False
@@ -215,10 +218,11 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
         # The checkpoint's model config wins; only its vocab may differ from the preset
         # (a trained tokenizer can have fewer merges than asked for).
         saved_model = ckpt.load_config(resume_dir).model
-        if (
-            dataclasses.replace(saved_model, vocab_size=cfg.model.vocab_size)
-            != cfg.model
-        ):
+
+        def arch(m):
+            return dataclasses.replace(m, vocab_size=1, n_kv_heads=m.kv_heads)
+
+        if arch(saved_model) != arch(cfg.model):
             raise ValueError(
                 f"--resume {resume_dir}: its model config differs from this run's "
                 "(use the same --model-size / --config)"
