@@ -72,7 +72,9 @@ def grouped_experts(x_TD, topk_idx_TK, gates_TK, counts_E, experts: nn.ModuleLis
     order_A = topk_idx_TK.flatten().argsort(stable=True)
     x_AD = x_TD.index_select(0, order_A // K)
     chunks = x_AD.split(counts_E.tolist())  # the single host sync of the layer
-    y_AD = torch.cat([expert(chunk) for expert, chunk in zip(experts, chunks)])
+    # Training runs every expert (DDP needs all in the graph); inference skips idle.
+    run_all = torch.is_grad_enabled()
+    y_AD = torch.cat([e(c) for e, c in zip(experts, chunks) if run_all or c.shape[0]])
     inverse_A = torch.empty_like(order_A)
     inverse_A[order_A] = torch.arange(order_A.numel(), device=order_A.device)
     y_TKD = y_AD.index_select(0, inverse_A).view(T, K, -1)
