@@ -1,0 +1,130 @@
+import pytest
+import torch
+
+from conftest import tiny_config
+from hmst.configs import get_config
+from hmst.generation import SamplingParams, generate_stream
+from hmst.models.base_moe import BaseMoEModel
+from hmst.models.moe import MoE, grouped_experts, load_balance_loss, reference_experts
+
+
+def test_causality():
+    model = BaseMoEModel(config=tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 24))
+    y = x.clone()
+    y[:, 15:] = torch.randint(0, 300, (2, 9))
+    a, b = model(x)["logits"], model(y)["logits"]
+    assert torch.equal(a[:, :15], b[:, :15])
+    assert not torch.allclose(a[:, 15:], b[:, 15:])
+
+
+@pytest.mark.parametrize("force_idle", [False, True])
+def test_grouped_dispatch_matches_reference(force_idle):
+    moe = MoE(tiny_config(n_experts=6))
+    x = torch.randn(20, 32, requires_grad=True)
+    idx = moe.router(x).topk_idx_TK
+    if force_idle:  # route to experts 0..3 only: experts 4 and 5 get no tokens
+        idx = torch.stack([torch.arange(20) % 4, (torch.arange(20) + 1) % 4], 1)
+    counts = torch.bincount(idx.flatten(), minlength=6)
+    assert bool((counts[4:] == 0).all()) == force_idle
+    params = [x, moe.router.gate.weight] + list(moe.experts.parameters())
+    outs, grads = [], []
+    for fn in (grouped_experts, reference_experts):
+        probs = torch.softmax(x @ moe.router.gate.weight.T, -1)
+        gates = probs.gather(1, idx)
+        gates = gates / gates.sum(-1, keepdim=True)
+        y = fn(x, idx, gates, counts, moe.experts)
+        loss = (y * torch.linspace(-1, 1, 32)).sum()
+        g = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        outs.append(y.detach())
+        grads.append(g)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads[0], grads[1]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # the grouped path keeps idle experts in the graph (DDP needs every parameter)
+    y = grouped_experts(x, idx, torch.ones(20, 2) / 2, counts, moe.experts)
+    idle = list(moe.experts[5].parameters())
+    assert all(
+        g is not None for g in torch.autograd.grad(y.sum(), idle, allow_unused=True)
+    )
+
+
+def test_load_balance_loss_formula():
+    # 4 assignments: expert 0 gets 3, expert 1 gets 1; mean router probs (0.7, 0.3)
+    counts = torch.tensor([3, 1])
+    probs = torch.tensor([0.7, 0.3])
+    expected = 2 * (0.75 * 0.7 + 0.25 * 0.3)  # E * sum f_e P_e = 1.2
+    assert load_balance_loss(counts, probs).item() == pytest.approx(expected)
+    balanced = load_balance_loss(torch.tensor([5, 5, 5, 5]), torch.full((4,), 0.25))
+    assert balanced.item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("size", ["micro", "tiny", "small", "base", "large"])
+def test_preset_param_counts(size):
+    cfg = get_config(size).model
+    with torch.device("meta"):
+        model = BaseMoEModel(config=cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+    d, f, hd = cfg.d_model, cfg.d_ff, cfg.head_dim
+    attn = 2 * d * cfg.n_heads * hd + 2 * d * cfg.kv_heads * hd
+    per_layer = attn + d * cfg.n_experts + cfg.num_experts_per_tok * 3 * d * f + 2 * d
+    active = cfg.vocab_size * d + cfg.n_layers * per_layer + d
+    assert cfg.num_params(active=True) == active
+
+
+def test_kv_cache_matches_full_forward():
+    model = BaseMoEModel(config=tiny_config()).eval()
+    x = torch.randint(0, 300, (2, 20))
+    full = model(x)["logits"]
+    caches = model.allocate_kv_cache(2, 20)
+    parts = [model(x[:, :12], kv_caches=caches, pos=0)["logits"]]
+    parts += [
+        model(x[:, i : i + 1], kv_caches=caches, pos=i)["logits"] for i in range(12, 20)
+    ]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_is_deterministic_and_batch_matches_single():
+    model = BaseMoEModel(config=tiny_config()).eval()
+    prompts = [[5, 6, 7, 8, 9, 10], [11, 12, 13]]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    batch = torch.stack(list(generate_stream(model, prompts, params)), 1)
+    for i, p in enumerate(prompts):
+        alone = torch.stack(list(generate_stream(model, [p], params)), 1)
+        assert torch.equal(batch[i], alone[0])
+    again = torch.stack(list(generate_stream(model, prompts, params)), 1)
+    assert torch.equal(batch, again)
+
+
+def test_gradient_checkpointing_same_grads():
+    model = BaseMoEModel(config=tiny_config())
+    x = torch.randint(0, 300, (2, 16))
+    results = []
+    for flag in (False, True):
+        model.zero_grad()
+        model.gradient_checkpointing_enable(flag)
+        out = model(x, targets=x)
+        (out["loss"] + out["aux_loss"]).backward()
+        results.append(
+            (out["loss"].item(), [p.grad.clone() for p in model.parameters()])
+        )
+    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_expert_bias_changes_routing():
+    model = BaseMoEModel(config=tiny_config()).eval()
+    x = torch.randint(0, 300, (1, 16))
+    bias = torch.tensor([0.0, 0.0, 0.0, 100.0])
+    counts = model(x, expert_bias=bias)["expert_counts"]
+    assert (counts[:, 3] == 16).all()  # every token picks the favoured expert
+
+
+def test_bad_config_raises():
+    with pytest.raises(ValueError, match="divisible"):
+        tiny_config(d_model=30)
+    with pytest.raises(ValueError, match="num_experts_per_tok"):
+        tiny_config(num_experts_per_tok=5)
+    with pytest.raises(ValueError, match="unknown model size"):
+        get_config("huge")
