@@ -1,0 +1,210 @@
+"""Shared pieces of the benchmarks: peer models at a matched config, one training loop
+for every peer, validation bits-per-byte, the machine's measured matmul peak."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hmst.configs.model_config import ModelConfig  # noqa: E402
+from hmst.data import (  # noqa: E402
+    BatchSampler,
+    TokenData,
+    eval_windows,
+    read_documents,
+    split_documents_tail,
+    tokenize_documents,
+)
+from hmst.models.base_moe import BaseMoEModel  # noqa: E402
+from hmst.models.layers import SwiGLU  # noqa: E402
+from hmst.models.moe import RouterOutput  # noqa: E402
+from hmst.tokenizer import HMSTTokenizer  # noqa: E402
+from hmst.training.optim import build_optimizer, build_scheduler  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CORPUS = os.path.join(ROOT, "data", "tinyshakespeare.txt")
+HF_IMPLS = ("eager", "batched_mm", "grouped_mm")
+
+
+class DenseFFN(nn.Module):
+    """Stands in for a block's MoE: one SwiGLU of width top_k * d_ff (the MoE's active
+    FLOPs), returning zero router statistics so BaseMoEModel runs unchanged."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.ffn = SwiGLU(cfg.d_model, cfg.num_experts_per_tok * cfg.d_ff)
+        self.n_experts = cfg.n_experts
+
+    def forward(self, x, expert_bias=None):
+        zero = x.new_zeros(())
+        e = self.n_experts
+        stats = RouterOutput(None, None, x.new_full((e,), 1 / e), x.new_ones(e), zero)
+        return self.ffn(x), stats
+
+
+def build_dense(cfg: ModelConfig) -> BaseMoEModel:
+    model = BaseMoEModel(config=cfg)
+    for block in model.layers:
+        block.moe = DenseFFN(cfg)
+    std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+    for name, p in model.named_parameters():
+        if "ffn.w13" in name:
+            nn.init.normal_(p, 0.0, cfg.init_std)
+        elif "ffn.w2" in name:
+            nn.init.normal_(p, 0.0, std)
+    return model
+
+
+def build_mixtral(cfg: ModelConfig, impl: str):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    hf_cfg = MixtralConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.kv_heads,
+        num_local_experts=cfg.n_experts,
+        num_experts_per_tok=cfg.num_experts_per_tok,
+        max_position_embeddings=cfg.max_seq_len,
+        tie_word_embeddings=True,
+        rope_theta=cfg.rope_theta,
+        initializer_range=cfg.init_std,
+        router_aux_loss_coef=cfg.load_balance_coef,
+        output_router_logits=True,
+    )
+    return MixtralForCausalLM._from_config(
+        hf_cfg, attn_implementation="sdpa", experts_implementation=impl
+    )
+
+
+def hmst_loss(model, x, y):
+    out = model(x, targets=y)
+    return out["loss"], out["loss"] + out["aux_loss"]
+
+
+def mixtral_loss(model, x, y):
+    out = model(input_ids=x)
+    ce = nn.functional.cross_entropy(out.logits.flatten(0, 1).float(), y.flatten())
+    return ce, ce + model.config.router_aux_loss_coef * out.aux_loss
+
+
+def mixtral_logits(model, x):
+    return model(input_ids=x).logits
+
+
+def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
+    """Best fp32 matmul FLOP/s of this process (its thread count), process CPU time."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - t)
+    return 2 * n**3 / best
+
+
+def prepare_corpus(vocab_size: int, val_fraction: float = 0.1):
+    """Tokenizer trained on the first 90% of the bundled corpus; (tok, train, val)."""
+    docs = read_documents([CORPUS])
+    train_docs, val_docs = split_documents_tail(docs, val_fraction)
+    tok = HMSTTokenizer.train(train_docs, vocab_size)
+    train = TokenData([tokenize_documents(tok, train_docs)])
+    val = TokenData([tokenize_documents(tok, val_docs)])
+    return tok, train, val
+
+
+@torch.no_grad()
+def evaluate_bpb(logits_fn, tok, val, seq_len, batch=16, max_windows=512, counts_fn=None):
+    """Validation loss, perplexity, bits-per-byte (and expert counts via counts_fn)."""
+    windows = eval_windows(val, seq_len, max_windows)
+    byte_len = torch.tensor(tok.token_byte_lengths())
+    nats = nbytes = ntok = 0.0
+    counts = None
+    for i in range(0, len(windows), batch):
+        w = torch.from_numpy(np.stack(windows[i : i + batch]).astype(np.int64))
+        x, y = w[:, :-1], w[:, 1:]
+        logits = logits_fn(x)
+        nats += nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+        ).item()
+        nbytes += byte_len[y].sum().item()
+        ntok += y.numel()
+        if counts_fn is not None:
+            c = counts_fn(x)
+            counts = c if counts is None else counts + c
+    loss = nats / ntok
+    res = {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": nats / math.log(2) / nbytes}
+    return res, counts
+
+
+def train_loop(model, loss_fn, train, cfg: ModelConfig, *, batch, lr, steps=None,
+               seconds=None, warmup=30, seed=1337, log_every=25, name="model"):  # fmt: skip
+    """The one loop every peer is trained by: same sampler, AdamW, schedule, clipping.
+    Runs `steps` optimizer steps, or as many as fit in `seconds` of wall time (the
+    schedule is then laid out over an estimated step count measured on the first steps).
+    """
+    sampler = BatchSampler(train, cfg.max_seq_len, seed)
+    opt = build_optimizer(model, lr, 0.1, (0.9, 0.95))
+    model.train()
+
+    def one_step():
+        x, y = sampler.next_batches(batch, 1, 0, 1)[0]
+        ce, total = loss_fn(model, x, y)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return ce.item()
+
+    t0 = time.time()
+    if steps is None:  # time budget: estimate steps from 5 probe steps at lr 0
+        for g in opt.param_groups:
+            g["lr"] = 0.0
+        probe = time.time()
+        for _ in range(5):
+            one_step()
+        per_step = (time.time() - probe) / 5
+        steps = max(10, int((seconds - (time.time() - t0)) / per_step))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        sampler = BatchSampler(train, cfg.max_seq_len, seed)
+    sched = build_scheduler(opt, warmup, steps, 0.1)
+    losses = []
+    for s in range(steps):
+        losses.append(one_step())
+        sched.step()
+        if (s + 1) % log_every == 0:
+            print(f"  {name} step {s + 1}/{steps} loss {np.mean(losses[-log_every:]):.3f} "
+                  f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+        if seconds is not None and time.time() - t0 > seconds * 1.1:
+            break  # the estimate was off (noisy machine): stop at the budget
+    model.eval()
+    return {"steps": s + 1, "planned_steps": steps, "train_time_s": time.time() - t0,
+            "final_train_loss": float(np.mean(losses[-log_every:]))}  # fmt: skip
+
+
+def expert_counts_fn(model):
+    def f(x):
+        return model(x)["expert_counts"].double()
+
+    return f
+
+
+def load_stats(counts) -> dict:
+    """Per-layer max/mean expert load and the smallest expert share, from (L, E)."""
+    share = counts / counts.sum(dim=1, keepdim=True)
+    return {
+        "max_over_mean_per_layer": (counts.max(1).values / counts.mean(1)).tolist(),
+        "min_share_per_layer": share.min(1).values.tolist(),
+    }
