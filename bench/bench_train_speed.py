@@ -103,7 +103,9 @@ def main():
         t = statistics.median(peer.times)
         tps[peer.name] = tokens / t
         f = train_flops_per_token(cfg64 if "64" in peer.name else cfg, args.seq)
-        print(f"{peer.name:<26}{t:>9.3f}{tokens / t:>10.0f}{f * tokens / t / peak:>7.1%}")
+        print(
+            f"{peer.name:<26}{t:>9.3f}{tokens / t:>10.0f}{f * tokens / t / peak:>7.1%}"
+        )
     hf = {k: v for k, v in tps.items() if k.startswith("hf")}
     best_hf = max(hf, key=hf.get)
     checks = [

@@ -125,7 +125,9 @@ def prepare_corpus(vocab_size: int, val_fraction: float = 0.1):
 
 
 @torch.no_grad()
-def evaluate_bpb(logits_fn, tok, val, seq_len, batch=16, max_windows=512, counts_fn=None):
+def evaluate_bpb(
+    logits_fn, tok, val, seq_len, batch=16, max_windows=512, counts_fn=None
+):
     """Validation loss, perplexity, bits-per-byte (and expert counts via counts_fn)."""
     windows = eval_windows(val, seq_len, max_windows)
     byte_len = torch.tensor(tok.token_byte_lengths())
@@ -144,54 +146,95 @@ def evaluate_bpb(logits_fn, tok, val, seq_len, batch=16, max_windows=512, counts
             c = counts_fn(x)
             counts = c if counts is None else counts + c
     loss = nats / ntok
-    res = {"val_loss": loss, "val_ppl": math.exp(loss), "val_bpb": nats / math.log(2) / nbytes}
+    res = {
+        "val_loss": loss,
+        "val_ppl": math.exp(loss),
+        "val_bpb": nats / math.log(2) / nbytes,
+    }
     return res, counts
 
 
-def train_loop(model, loss_fn, train, cfg: ModelConfig, *, batch, lr, steps=None,
-               seconds=None, warmup=30, seed=1337, log_every=25, name="model"):  # fmt: skip
-    """The one loop every peer is trained by: same sampler, AdamW, schedule, clipping.
-    Runs `steps` optimizer steps, or as many as fit in `seconds` of wall time (the
-    schedule is then laid out over an estimated step count measured on the first steps).
-    """
-    sampler = BatchSampler(train, cfg.max_seq_len, seed)
-    opt = build_optimizer(model, lr, 0.1, (0.9, 0.95))
-    model.train()
+class Trainee:
+    """One peer of a training race: its own sampler (same seed, so every peer sees the
+    same batches), AdamW, cosine schedule, gradient clipping, and process-CPU-time
+    account. Every peer is trained by this same code."""
 
-    def one_step():
-        x, y = sampler.next_batches(batch, 1, 0, 1)[0]
-        ce, total = loss_fn(model, x, y)
+    def __init__(self, name, model, loss_fn, train, cfg: ModelConfig, *, batch, lr,
+                 warmup=50, seed=1337):  # fmt: skip
+        self.name, self.model, self.loss_fn = name, model, loss_fn
+        self.train, self.seq, self.batch, self.lr = train, cfg.max_seq_len, batch, lr
+        self.warmup, self.seed = warmup, seed
+        self.reset(planned_steps=1)
+        self.cpu_s, self.losses = 0.0, []
+
+    def reset(self, planned_steps: int):
+        """Fresh sampler, optimizer and schedule (weights are kept)."""
+        self.sampler = BatchSampler(self.train, self.seq, self.seed)
+        self.opt = build_optimizer(self.model, self.lr, 0.1, (0.9, 0.95))
+        self.sched = build_scheduler(self.opt, self.warmup, planned_steps, 0.1)
+        self.planned, self.steps = planned_steps, 0
+
+    def step(self) -> float:
+        self.model.train()
+        t = time.process_time()
+        x, y = self.sampler.next_batches(self.batch, 1, 0, 1)[0]
+        ce, total = self.loss_fn(self.model, x, y)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return ce.item()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        self.cpu_s += time.process_time() - t
+        self.steps += 1
+        self.losses.append(ce.item())
+        return self.losses[-1]
 
-    t0 = time.time()
-    if steps is None:  # time budget: estimate steps from 5 probe steps at lr 0
-        for g in opt.param_groups:
+    def probe_step_cost(self, n: int = 4) -> float:
+        """CPU seconds per step, measured at learning rate 0 (weights unchanged)."""
+        for g in self.opt.param_groups:
             g["lr"] = 0.0
-        probe = time.time()
-        for _ in range(5):
-            one_step()
-        per_step = (time.time() - probe) / 5
-        steps = max(10, int((seconds - (time.time() - t0)) / per_step))
-        for g in opt.param_groups:
-            g["lr"] = lr
-        sampler = BatchSampler(train, cfg.max_seq_len, seed)
-    sched = build_scheduler(opt, warmup, steps, 0.1)
-    losses = []
-    for s in range(steps):
-        losses.append(one_step())
-        sched.step()
-        if (s + 1) % log_every == 0:
-            print(f"  {name} step {s + 1}/{steps} loss {np.mean(losses[-log_every:]):.3f} "
-                  f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
-        if seconds is not None and time.time() - t0 > seconds * 1.1:
-            break  # the estimate was off (noisy machine): stop at the budget
-    model.eval()
-    return {"steps": s + 1, "planned_steps": steps, "train_time_s": time.time() - t0,
-            "final_train_loss": float(np.mean(losses[-log_every:]))}  # fmt: skip
+        t = time.process_time()
+        for _ in range(n):
+            self.step()
+        return (time.process_time() - t) / n
+
+
+def train_interleaved(trainees, *, steps=None, cpu_seconds=None, log_every=25):
+    """Train peers step by step in turn, so machine noise hits them alike.
+
+    Either `steps` optimizer steps each (equal tokens), or an equal budget of process
+    CPU seconds each: then every peer's step count (and so its cosine schedule) is
+    planned from its own measured step cost, and it stops at its budget.
+    """
+    for tr in trainees:
+        planned = steps
+        if cpu_seconds is not None:
+            planned = max(10, int(cpu_seconds / tr.probe_step_cost()))
+        tr.reset(planned)
+        tr.cpu_s, tr.losses = 0.0, []
+    t0 = time.time()
+    active = list(trainees)
+    while active:
+        for tr in list(active):
+            tr.step()
+            over = cpu_seconds is not None and tr.cpu_s > cpu_seconds * 1.05
+            if tr.steps >= tr.planned or over:
+                active.remove(tr)
+            if tr.steps % log_every == 0:
+                print(f"  {tr.name:<12} step {tr.steps}/{tr.planned} loss "
+                      f"{np.mean(tr.losses[-log_every:]):.3f} cpu {tr.cpu_s:.0f}s "
+                      f"(wall {time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+    for tr in trainees:
+        tr.model.eval()
+    return {
+        tr.name: {
+            "steps": tr.steps,
+            "planned_steps": tr.planned,
+            "cpu_s": tr.cpu_s,
+            "final_train_loss": float(np.mean(tr.losses[-log_every:])),
+        }
+        for tr in trainees
+    }
 
 
 def expert_counts_fn(model):

@@ -189,6 +189,11 @@ class TrainConfig:
     """Keep a numbered snapshot every N epochs (`epoch_N/`)."""
     log_every: int = 10
     """Write a metrics.jsonl record every N optimizer steps."""
+    audit_every: int | None = None
+    """Probe-set audit (activations of `audit_layers`, routing stability) every N
+    optimizer steps; None: at every evaluation; 0: never."""
+    audit_layers: tuple[str, ...] = ("layers[0].moe", "layers[-1].moe")
+    """Module paths whose activations the audit summarises (e.g. `layers[-1].attn`)."""
     gradient_checkpointing: bool = False
     use_8bit_optimizer: bool = False
     mixed_precision: bool = False
@@ -214,6 +219,9 @@ class TrainConfig:
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
         self.betas = tuple(self.betas)
+        self.audit_layers = tuple(self.audit_layers)
+        if self.audit_every is not None and self.audit_every < 0:
+            raise ValueError(f"audit_every must be >= 0, got {self.audit_every}")
 
 
 @dataclass

@@ -40,7 +40,8 @@ class BaseMoEModel(nn.Module):
     (`BaseMoEModel(config=cfg.model)`).
 
     `forward(input_ids)` returns a dict with `logits` (B, T, V), `load_balance_loss`,
-    `router_z_loss`, `expert_counts` (L, E) and `router_probs` (L, E); with `targets`
+    `router_z_loss`, `expert_counts` (L, E), `router_probs` (L, E) and
+    `router_entropy` (L,: mean per-token entropy of the router); with `targets`
     also `loss` (mean next-token cross-entropy, ignore_index -100) and `aux_loss` (the
     weighted router losses to add to it).
     """
@@ -172,6 +173,7 @@ class BaseMoEModel(nn.Module):
             [load_balance_loss(r.counts_E, r.probs_mean_E) for r in routers]
         ).mean()
         z = torch.stack([r.z_loss for r in routers]).mean()
+        ent = [r.entropy for r in routers if r.entropy is not None]
         out = dict(
             logits=logits,
             load_balance_loss=lb,
@@ -179,6 +181,8 @@ class BaseMoEModel(nn.Module):
             expert_counts=counts,
             router_probs=probs,
         )
+        if ent:
+            out["router_entropy"] = torch.stack(ent)
         if return_hidden:
             out["hidden_states"] = h
         if targets is not None:

@@ -31,6 +31,7 @@ class RouterOutput(NamedTuple):
     probs_mean_E: torch.Tensor  # mean router probability per expert (differentiable)
     counts_E: torch.Tensor  # assignments per expert (long, no grad)
     z_loss: torch.Tensor  # scalar
+    entropy: torch.Tensor | None = None  # mean per-token router entropy (nats), no grad
 
 
 def load_balance_loss(
@@ -58,8 +59,13 @@ class Router(nn.Module):
         gates_TK = probs_TE.gather(1, topk_idx_TK)
         gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
         counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts)
-        z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
-        return RouterOutput(topk_idx_TK, gates_TK, probs_TE.mean(0), counts_E, z_loss)
+        lse_T = torch.logsumexp(logits_TE, dim=-1)
+        z_loss = lse_T.square().mean()
+        with torch.no_grad():  # H = lse - sum_e p_e * logit_e
+            entropy = (lse_T - (probs_TE * logits_TE).sum(-1)).mean()
+        return RouterOutput(
+            topk_idx_TK, gates_TK, probs_TE.mean(0), counts_E, z_loss, entropy
+        )
 
 
 def grouped_experts(x_TD, topk_idx_TK, gates_TK, counts_E, experts: nn.ModuleList):

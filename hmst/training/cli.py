@@ -30,6 +30,8 @@ FLAG_FIELDS = {
     "patience": "train.patience",
     "save_every": "train.save_every",
     "log_every": "train.log_every",
+    "audit_every": "train.audit_every",
+    "audit_layers": "train.audit_layers",
     "gradient_accumulation_steps": "train.gradient_accumulation_steps",
     "gradient_checkpointing": "train.gradient_checkpointing",
     "use_8bit_optimizer": "train.use_8bit_optimizer",
@@ -93,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-every", type=int, help="keep an epoch_N snapshot every N epochs"
     )
     p.add_argument("--log-every", type=int)
+    p.add_argument(
+        "--audit-every", type=int,
+        help="probe-set audit every N steps (default: at each eval; 0: never)",
+    )  # fmt: skip
+    p.add_argument(
+        "--audit-layers", nargs="+", metavar="PATH",
+        help="module paths the audit summarises (default layers[0].moe layers[-1].moe)",
+    )  # fmt: skip
     p.add_argument("--seq-len", type=int, help="context length (model.max_seq_len)")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary to train")
     p.add_argument("--seed", type=int)

@@ -38,6 +38,7 @@ from hmst.data import (
 )
 from hmst.models.base_moe import BaseMoEModel
 from hmst.models.moe import load_balance_loss
+from hmst.observe.audit import ProbeAudit, RoutingStats
 from hmst.tokenizer import HMSTTokenizer
 from hmst.training.optim import build_optimizer, build_scheduler
 
@@ -275,6 +276,12 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                 torch.cuda.set_rng_state(tensors["cuda_rng"][acc.process_index])
 
     main = acc.is_main_process
+    routing = RoutingStats(cfg.model.n_layers, cfg.model.n_experts, acc.device)
+    audit_every = tc.eval_every if tc.audit_every is None else tc.audit_every
+    probe = None
+    if audit_every and main and val_windows is not None:
+        probe_ids = torch.from_numpy(np.stack(val_windows[:4]).astype(np.int64))
+        probe = ProbeAudit(acc.unwrap_model(model), probe_ids[:, :-1], tc.audit_layers)
     if main:
         os.makedirs(args.output_dir, exist_ok=True)
         cfg.save(os.path.join(args.output_dir, "config.json"))
@@ -378,6 +385,7 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                     cfg.model.load_balance_coef * lb
                     + cfg.model.router_z_coef * out["router_z_loss"]
                 )
+                routing.update(counts, out["router_entropy"], lb, out["router_z_loss"])
                 acc.backward(loss)
                 if acc.sync_gradients and tc.grad_clip > 0:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -393,7 +401,6 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
         bar.update(1)
         if meta["step"] % tc.log_every == 0 or meta["step"] == total_steps:
             dt = time.time() - t_log
-            load = counts.float()
             rec = {
                 "step": meta["step"],
                 "kind": "train",
@@ -401,11 +408,7 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                 "step_loss": step_loss,
                 "lr": sched.get_last_lr()[0],
                 "grad_norm": float(grad_norm) if tc.grad_clip > 0 else None,
-                "load_balance_loss": lb.item(),
-                "router_z_loss": out["router_z_loss"].item(),
-                "expert_load_max_over_mean": (load.max(1).values / load.mean(1))
-                .max()
-                .item(),
+                **routing.summary(),
                 "tokens": meta["tokens"],
                 "tokens_per_s": tokens_since_log / dt,
                 "time": time.time() - t_start,
@@ -434,6 +437,14 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
             if checkpoint_and_eval():
                 stop_reason = f"early stop: no improvement in {tc.patience} evals"
                 break
+        if probe is not None and meta["step"] % audit_every == 0:
+            log(
+                {
+                    "step": meta["step"],
+                    "kind": "audit",
+                    **probe.run(acc.unwrap_model(model)),
+                }
+            )
         if new_epoch and tc.save_every and meta["epoch"] % tc.save_every == 0:
             save(f"epoch_{meta['epoch']}")
         if out_of_time:

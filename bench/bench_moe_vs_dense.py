@@ -1,0 +1,88 @@
+"""Do the experts pay for themselves? The micro MoE (8 experts, top-2) vs a dense model
+of equal active size (one SwiGLU of width top_k * d_ff per block: the same active
+parameters and FLOPs per token), trained by the same loop on the same batches for the
+same number of tokens. Reports held-out perplexity and the MoE's expert load on the
+validation text (per layer: max/mean load, smallest expert share).
+
+Targets (issue #2): MoE val perplexity >= 5% lower; max/mean <= 1.5 and no expert under
+2% of tokens in every layer.
+
+    python bench/bench_moe_vs_dense.py [--steps 200] [--threads 1]
+"""
+
+import argparse
+import json
+import sys
+
+import torch
+
+from common import (
+    Trainee,
+    build_dense,
+    evaluate_bpb,
+    expert_counts_fn,
+    hmst_loss,
+    load_stats,
+    prepare_corpus,
+    train_interleaved,
+)
+from hmst.configs.model_config import get_micro_config
+from hmst.models.base_moe import BaseMoEModel
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    args = p.parse_args()
+    print("command: python " + " ".join(sys.argv), flush=True)
+    torch.set_num_threads(args.threads)
+    cfg = get_micro_config().model
+    tok, train, val = prepare_corpus(cfg.vocab_size)
+    torch.manual_seed(0)
+    moe = BaseMoEModel(config=cfg)
+    torch.manual_seed(0)
+    dense = build_dense(cfg)
+    n_moe = sum(p.numel() for p in moe.parameters())
+    n_dense = sum(p.numel() for p in dense.parameters())
+    kw = dict(batch=args.batch, lr=args.lr, warmup=args.warmup)
+    peers = [
+        Trainee("moe", moe, hmst_loss, train, cfg, **kw),
+        Trainee("dense", dense, hmst_loss, train, cfg, **kw),
+    ]
+    runs = train_interleaved(peers, steps=args.steps)
+    ev_moe, counts = evaluate_bpb(
+        lambda x: moe(x)["logits"], tok, val, cfg.max_seq_len,
+        counts_fn=expert_counts_fn(moe),
+    )  # fmt: skip
+    ev_dense, _ = evaluate_bpb(lambda x: dense(x)["logits"], tok, val, cfg.max_seq_len)
+    loads = load_stats(counts)
+    tokens = args.steps * args.batch * cfg.max_seq_len
+    print(f"\n{args.steps} steps x {args.batch} x {cfg.max_seq_len} = {tokens:,} "
+          f"training tokens each; {args.threads} thread(s)")  # fmt: skip
+    print(f"active params: moe {cfg.num_params(active=True) / 1e6:.2f}M of "
+          f"{n_moe / 1e6:.2f}M total; dense {n_dense / 1e6:.2f}M")  # fmt: skip
+    print(f"{'model':<8}{'cpu s':>8}{'val loss':>10}{'val ppl':>9}{'val bpb':>9}")
+    for name, ev in (("moe", ev_moe), ("dense", ev_dense)):
+        print(f"{name:<8}{runs[name]['cpu_s']:>8.0f}{ev['val_loss']:>10.4f}"
+              f"{ev['val_ppl']:>9.2f}{ev['val_bpb']:>9.4f}")  # fmt: skip
+    gain = 1 - ev_moe["val_ppl"] / ev_dense["val_ppl"]
+    worst_ratio = max(loads["max_over_mean_per_layer"])
+    worst_share = min(loads["min_share_per_layer"])
+    print(f"\nMoE perplexity {gain:.1%} lower than dense (target >= 5%) "
+          f"{'PASS' if gain >= 0.05 else 'FAIL'}")  # fmt: skip
+    print("expert load max/mean per layer: "
+          + ", ".join(f"{r:.2f}" for r in loads["max_over_mean_per_layer"])
+          + f" (target <= 1.5) {'PASS' if worst_ratio <= 1.5 else 'FAIL'}")  # fmt: skip
+    print("smallest expert share per layer: "
+          + ", ".join(f"{s:.1%}" for s in loads["min_share_per_layer"])
+          + f" (target >= 2%) {'PASS' if worst_share >= 0.02 else 'FAIL'}")  # fmt: skip
+    print(json.dumps({"moe": {**runs["moe"], **ev_moe}, "dense": {**runs["dense"],
+          **ev_dense}, "load": loads}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Observability: training audit (hooks and traces: issue #6)."""
