@@ -8,6 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hmst", "hmst.*"]),
+    package_data={"hmst.observe": ["trace_schema.json"]},
     install_requires=[
         "torch>=2.5",
         "accelerate>=1.0",
@@ -26,6 +27,8 @@ setup(
             "flake8>=7",
             "transformers>=5.0",
             "pexpect>=4.8",
+            "jsonschema>=4.18",
+            "matplotlib>=3.8",
         ],
         "8bit": ["bitsandbytes>=0.45"],
         # Needs nvcc and a CUDA torch; without it the pure-PyTorch scan is used.

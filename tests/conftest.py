@@ -7,6 +7,9 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(ROOT, "data", "tinyshakespeare.txt")
 sys.path.insert(0, ROOT)
+# Tests use tiny tensors: one intra-op thread is as fast, and it never oversubscribes a
+# 2-core CI machine that also runs the subprocess tests.
+torch.set_num_threads(1)
 
 from hmst.configs.model_config import ModelConfig  # noqa: E402
 from hmst.tokenizer import HMSTTokenizer  # noqa: E402

@@ -1,0 +1,135 @@
+"""Observer events, scoped registration, failing hooks, trace summaries and schema."""
+
+import json
+import math
+
+import jsonschema
+import pytest
+import torch
+
+from hmst.observe.hooks import Emitter, Observer, ObserverRegistry, check_mode
+from hmst.observe.trace import (
+    JSONLFileSink,
+    MemorySink,
+    TraceRecorder,
+    logit_summary,
+    validate_trace,
+)
+
+
+class Counter(Observer):
+    def __init__(self):
+        self.calls = []
+
+    def on_step(self, record):
+        self.calls.append(record["step"])
+
+
+class Broken(Observer):
+    def on_step(self, record):
+        raise RuntimeError("boom")
+
+
+def test_modes_are_checked():
+    for m in ("off", "summary", "diagnostic"):
+        assert check_mode(m) == m
+    with pytest.raises(ValueError, match="unknown observe mode 'loud'"):
+        check_mode("loud")
+
+
+def test_registry_is_scoped_and_off_means_no_emitter():
+    reg = ObserverRegistry()
+    assert reg.emitter("off") is None  # the hot path sees None: no work at all
+    c = Counter()
+    with reg.scoped(c):
+        em = reg.emitter("off")
+        em.emit("step", {"step": 0})
+    assert len(reg) == 0 and c.calls == [0]
+    assert reg.emitter("off") is None
+    with pytest.raises(TypeError):
+        reg.register(object())
+
+
+def test_failing_observer_is_reported_once_and_others_continue(capsys):
+    c = Counter()
+    em = Emitter([Broken(), c], "summary")
+    for s in range(3):
+        em.emit("step", {"step": s})
+    assert c.calls == [0, 1, 2]
+    err = capsys.readouterr().err
+    assert err.count("observer disabled") == 1 and "Broken.on_step" in err
+    assert len(em.failed) == 1
+
+
+def test_logit_summary_matches_hand_computation():
+    raw = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    p = raw.softmax(-1)
+    s = logit_summary(raw, None, token=1, k=3)
+    assert s["logit_entropy"] == pytest.approx(-(p * p.log()).sum().item(), rel=1e-6)
+    assert s["surprisal"] == pytest.approx(-math.log(p[1].item()), rel=1e-6)
+    assert s["top1_top2_margin"] == pytest.approx((p[0] - p[1]).item(), rel=1e-6)
+    assert [i for i, _ in s["topk"]] == [0, 1, 2]
+    assert s["sampling_entropy"] == 0.0  # greedy
+    q = torch.tensor([0.5, 0.5, 0.0, 0.0])
+    s = logit_summary(raw, q, token=0)
+    assert s["sampling_entropy"] == pytest.approx(math.log(2), rel=1e-6)
+
+
+def synthetic_trace(sink, batch=2, layers=2, steps=3):
+    rec = TraceRecorder(sink, model_info={"config_sha256": "0" * 64})
+    em = Emitter([rec], "summary")
+    em.emit("generation_begin", {"prompts": [[1, 2, 3]] * batch, "params": {}})
+    for step in range(steps):
+        n = batch * 3 if step == 0 else batch  # prefill routes every prompt position
+        for layer in range(layers):
+            em.emit(
+                "routing",
+                step,
+                layer,
+                {
+                    "experts": torch.arange(n * 2).view(n, 2) % 4,
+                    "gates": torch.full((n, 2), 0.5),
+                    "entropy": torch.full((n,), 1.2),
+                    "overridden": None,
+                },
+            )
+        for row in range(batch):
+            summary = logit_summary(torch.randn(10), None, token=row)
+            em.emit("step", {"step": step, "row": row, **summary})
+    em.emit(
+        "memory_retrieval",
+        {"source": "semantic", "requested": 4, "ids": [3, 9], "scores": [0.9, 0.7]},
+    )
+    em.emit("timing", "attention", 0.01)
+    em.emit("generation_end", {"generated": [[0, 0, 0], [1, 1, 1]], "elapsed_s": 0.1})
+    return rec
+
+
+def test_trace_validates_and_picks_last_prompt_position():
+    sink = MemorySink()
+    synthetic_trace(sink)
+    (lines,) = sink.traces
+    validate_trace(lines)
+    tokens = [x for x in lines if x["type"] == "token"]
+    assert len(tokens) == 6 and tokens[0]["step"] == 0
+    # row 1's last prompt position is flat index 5: experts (10, 11) % 4
+    assert tokens[1]["experts"][0] == [2, 3]
+    assert tokens[0]["router_entropy"] == pytest.approx([1.2, 1.2])
+    bad = dict(tokens[0], token_id=-1)
+    with pytest.raises(jsonschema.ValidationError):
+        validate_trace([lines[0], bad, lines[-1]])
+    sentinel = {"type": "event", "event": "memory_retrieval", "source": "semantic",
+                "requested": 2, "ids": [-1], "scores": [3.4e38]}  # fmt: skip
+    with pytest.raises(jsonschema.ValidationError):
+        validate_trace([lines[0], sentinel, lines[-1]])
+
+
+def test_jsonl_sink_appends_whole_traces(tmp_path):
+    path = tmp_path / "t.jsonl"
+    sink = JSONLFileSink(str(path))
+    synthetic_trace(sink)
+    synthetic_trace(sink)
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [x["type"] for x in lines].count("header") == 2
+    with pytest.raises(FileNotFoundError, match="trace directory not found"):
+        JSONLFileSink(str(tmp_path / "nope" / "t.jsonl"))
