@@ -78,7 +78,7 @@ def test_inference_prompt_and_batch(trained, tmp_path):
     (tmp_path / "p.jsonl").write_text(
         '{"id": "a", "prompt": "Hi"}\n{"id": 7, "prompt": "Yo"}\n'
     )
-    for src, ids in (("p.txt", ["1", "3"]), ("p.jsonl", ["a", "7"])):
+    for src, ids in (("p.txt", ["1", "3"]), ("p.jsonl", ["a", 7])):
         out = tmp_path / (src + ".out.jsonl")
         r = run(
             [
@@ -125,6 +125,30 @@ def test_inference_malformed_jsonl_names_line(trained, tmp_path):
 def test_inference_missing_checkpoint(tmp_path):
     r = run(["inference.py", str(tmp_path / "none"), "--prompt", "x"])
     assert r.returncode == 2 and "checkpoint not found" in r.stderr
+
+
+def test_inference_corrupt_checkpoint(trained, tmp_path, capsys):
+    from hmst.cli.inference import main  # in-process: a process start costs seconds
+
+    for f in os.listdir(trained / "best"):
+        data = (trained / "best" / f).read_bytes()
+        cut = f == "model.safetensors"
+        (tmp_path / f).write_bytes(data[: len(data) // 2] if cut else data)
+    assert main([str(tmp_path), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("inference.py: error: corrupt checkpoint")
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_inference_int8_and_prompt_longer_than_context(trained, capsys):
+    from hmst.cli.inference import main
+
+    long_prompt = "To be, or not to be, that is the question. " * 20  # >> 32 tokens
+    args = ["--prompt", long_prompt, "--max-length", "6", "--temperature", "0"]
+    assert main([str(trained / "best"), *args, "--quantize", "int8"]) == 0
+    out, err = capsys.readouterr()
+    assert "warning: prompt longer than the context; dropped its first" in err
+    assert out.startswith(long_prompt) and "tok/s" in err
 
 
 def _snapshot(path):

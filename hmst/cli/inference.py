@@ -3,6 +3,10 @@
 Batch input: `.txt` (one prompt per non-empty line) or `.jsonl` (objects with "prompt"
 and optional "id"). Output: `.jsonl` records (id, prompt, params, text, token counts,
 finish reason, timings) or `.txt` (one generation per block).
+
+A prompt longer than the context loses its start (a warning says how many tokens) so
+that min(--max-length, half the context) new tokens fit. Decoding uses the inference
+path of `hmst.generation.fast_forward`; `--quantize int8` adds dynamic int8 weights.
 """
 
 from __future__ import annotations
@@ -61,6 +65,12 @@ def build_parser():
         "--stop", action="append", default=[], help="stop string (repeatable)"
     )
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="int8: dynamic int8 weights on CPU (faster; logits drift a little)",
+    )
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -71,8 +81,9 @@ def unescape(s: str) -> str:
     return s.replace("\\n", "\n").replace("\\t", "\t")
 
 
-def read_prompts(path: str) -> list[tuple[str, str]]:
-    """[(id, prompt)]; raises ValueError naming the line of a malformed record."""
+def read_prompts(path: str) -> list[tuple[object, str]]:
+    """[(id, prompt)]: a JSONL record's "id" as given (else its line number), a .txt
+    line's number as a string. ValueError names the line of a malformed record."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"input file not found: {path}")
     out = []
@@ -91,7 +102,7 @@ def read_prompts(path: str) -> list[tuple[str, str]]:
                     )
                 if not rec["prompt"].strip():
                     raise ValueError(f"{path}:{n}: empty prompt")
-                out.append((str(rec.get("id", n)), rec["prompt"]))
+                out.append((rec.get("id", n), rec["prompt"]))  # id kept as given
             else:
                 out.append((str(n), line.rstrip("\n")))
     if not out:
@@ -164,15 +175,19 @@ def apply_set(params: SamplingParams, name: str, value: str) -> SamplingParams:
             + ", ".join(sorted(SETTABLE - {"max_new_tokens"}))
         )
     if field == "stop":
-        new = (
-            [] if value.lower() == "none" else [value.encode().decode("unicode_escape")]
-        )
-    elif field == "seed":
-        new = None if value.lower() == "none" else int(value)
-    elif field in ("max_new_tokens", "top_k"):
-        new = int(value)
+        # unescape, not "unicode_escape": that codec garbles non-ASCII stop strings
+        new = [] if value.lower() == "none" else [unescape(value)]
+    elif field == "seed" and value.lower() == "none":
+        new = None
     else:
-        new = float(value)
+        kind = int if field in ("max_new_tokens", "top_k", "seed") else float
+        try:
+            new = kind(value)
+        except ValueError:
+            raise ValueError(
+                f"{name} expects {'an integer' if kind is int else 'a number'}, "
+                f"got {value!r}"
+            ) from None
     return dataclasses.replace(params, **{field: new})
 
 
@@ -217,7 +232,7 @@ def repl(gen, params):
                 f" | mean latency {sum(r.latency_s for r in history) / n:.2f} s"
             )
             continue
-        if cmd.lstrip("/").startswith("set"):
+        if cmd.split()[0] in ("set", "/set"):  # not "settle down" (a prompt)
             parts = cmd.lstrip("/").split(maxsplit=2)
             if len(parts) != 3:
                 print("usage: set <param> <value>")
@@ -228,9 +243,15 @@ def repl(gen, params):
             except ValueError as e:
                 print(f"error: {e}")
             continue
-        r = gen.generate(
-            line, params, on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush())
-        )
+        try:
+            r = gen.generate(
+                line,
+                params,
+                on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()),
+            )
+        except KeyboardInterrupt:  # a Ctrl-C outside the token loop (encode, flush)
+            print("\n[interrupted]")
+            continue
         print()
         if r.finish_reason == "interrupted":
             print("[interrupted]")
@@ -241,6 +262,8 @@ def repl(gen, params):
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from hmst.checkpoint import load_pretrained
+    from hmst.generation.fast_forward import prepare_for_inference
+    from hmst.generation.quantize import quantize_int8
     from hmst.generation.text import TextGenerator
 
     try:
@@ -263,7 +286,9 @@ def main(argv=None) -> int:
         )
         prompts = read_prompts(args.input) if args.input else None
         model, tokenizer, _ = load_pretrained(args.checkpoint, device=args.device)
-        gen = TextGenerator(model, tokenizer)
+        if args.quantize == "int8":
+            model = quantize_int8(model, inplace=True)
+        gen = TextGenerator(prepare_for_inference(model), tokenizer)
         if prompts is not None:
             run_batch(gen, prompts, params, args.output, args.batch_size)
         elif args.prompt is not None:

@@ -10,6 +10,7 @@ from typing import Iterator
 
 import torch
 
+from hmst.generation.fast_forward import BACKENDS
 from hmst.generation.sampling import SamplingParams, sample_next
 
 
@@ -21,10 +22,17 @@ def _make_generator(seed, device):
 
 @torch.no_grad()
 def generate_stream(
-    model, prompts: list[list[int]], params: SamplingParams, eos_id: int | None = None
+    model,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    eos_id: int | None = None,
+    backend="fast",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) per step. A row that emitted `eos_id`
-    keeps emitting it; the stream ends when every row has, or after max_new_tokens."""
+    keeps emitting it; the stream ends when every row has, or after max_new_tokens.
+    `backend`: "fast" (`fast_logits`), "reference" (the model's own forward) or a
+    function with their signature (e.g. a compiled one, in bench/bench_decode.py)."""
+    forward = BACKENDS[backend] if isinstance(backend, str) else backend
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
     max_len = model.config.max_seq_len
@@ -48,7 +56,7 @@ def generate_stream(
         mask = (causal[None] & valid[:, None, :T]).unsqueeze(1)  # (B, 1, T, T)
     caches = model.allocate_kv_cache(B, total)
     gen = _make_generator(params.seed, device)
-    logits = prefill(model, ids, caches, mask)
+    logits = prefill(model, ids, caches, mask, forward)
     context = ids
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = total - T
@@ -62,22 +70,19 @@ def generate_stream(
             return
         pos = T + step
         mask = valid[:, None, None, : pos + 1] if padded else None
-        logits = decode_one_token(model, nxt, caches, pos, mask)
+        logits = decode_one_token(model, nxt, caches, pos, mask, forward)
         if params.repetition_penalty != 1.0:
             context = torch.cat([context, nxt[:, None]], dim=1)
 
 
-def prefill(model, ids_BT, caches, mask=None):
-    return model(ids_BT, kv_caches=caches, pos=0, attn_mask=mask, last_only=True)[
-        "logits"
-    ][:, -1]
+def prefill(model, ids_BT, caches, mask=None, forward=None):
+    """Run the whole (left-padded) prompt once; logits (B, V) of its last position."""
+    return (forward or BACKENDS["fast"])(model, ids_BT, caches, 0, mask)
 
 
-def decode_one_token(model, tok_B, caches, pos: int, mask=None):
-    out = model(
-        tok_B[:, None], kv_caches=caches, pos=pos, attn_mask=mask, last_only=True
-    )
-    return out["logits"][:, -1]
+def decode_one_token(model, tok_B, caches, pos: int, mask=None, forward=None):
+    """Feed one token per row at position `pos`; logits (B, V) for the next one."""
+    return (forward or BACKENDS["fast"])(model, tok_B[:, None], caches, pos, mask)
 
 
 @torch.no_grad()
