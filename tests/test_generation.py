@@ -118,7 +118,7 @@ def _scripted(monkeypatch, rows):
     token loop, so its streaming and stop logic see a known split of the text."""
     n = max(map(len, rows))
 
-    def fake_stream(model, prompts, params, eos_id):
+    def fake_stream(model, prompts, params, eos_id, observe=None):
         assert len(prompts) == len(rows)
         for s in range(min(n + 1, params.max_new_tokens)):  # then EOS
             yield torch.tensor([r[s] if s < len(r) else eos_id for r in rows])

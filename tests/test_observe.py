@@ -133,3 +133,125 @@ def test_jsonl_sink_appends_whole_traces(tmp_path):
     assert [x["type"] for x in lines].count("header") == 2
     with pytest.raises(FileNotFoundError, match="trace directory not found"):
         JSONLFileSink(str(tmp_path / "nope" / "t.jsonl"))
+
+
+# -- generation, observed -------------------------------------------------------------
+
+from conftest import tiny_config  # noqa: E402
+from hmst.generation import generate_stream  # noqa: E402
+from hmst.generation.sampling import SamplingParams  # noqa: E402
+from hmst.models.base_moe import BaseMoEModel  # noqa: E402
+
+PROMPTS = [[1, 5, 9, 4, 7], [2, 3]]  # different lengths: the padded path
+
+
+class Recorder(Observer):
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            return lambda *a: self.events.append((name[3:], a))
+        return object.__getattribute__(self, name)
+
+    def count(self, kind):
+        return sum(1 for k, _ in self.events if k == kind)
+
+
+def run(model, mode=None, observers=(), prompts=PROMPTS, **kw):
+    params = SamplingParams(max_new_tokens=6, temperature=0.9, top_k=20, seed=3)
+    em = None if mode is None else Emitter(observers, mode)
+    steps = generate_stream(model, prompts, params, observe=em, **kw)
+    return torch.stack(list(steps), 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return BaseMoEModel(config=tiny_config()).eval()
+
+
+def test_modes_give_identical_tokens(model):
+    off = run(model)
+    for mode in ("summary", "diagnostic"):
+        assert torch.equal(run(model, mode, [Recorder()]), off)
+    assert torch.equal(run(model, "diagnostic", [Broken()]), off)  # a raising hook
+
+
+def test_every_event_fires_the_expected_number_of_times(model):
+    rec = Recorder()
+    out = run(model, "diagnostic", [rec])
+    n_steps, n_layers = out.shape[1], model.config.n_layers
+    assert rec.count("generation_begin") == rec.count("generation_end") == 1
+    assert rec.count("step") == n_steps * len(PROMPTS)
+    assert rec.count("routing") == n_steps * n_layers
+    assert sorted(a[0] for k, a in rec.events if k == "timing") == [
+        "attention",
+        "experts",
+    ]
+    assert rec.count("anomaly") == 0
+    assert rec.events[0][0] == "generation_begin" and rec.events[-1][0] == (
+        "generation_end"
+    )
+    end = rec.events[-1][1][0]
+    assert end["generated"] == out.tolist() and end["finish_reasons"] == ["length"] * 2
+
+
+def used_experts(model, prompt, observe, bias=None):
+    """Experts that actually ran, per forward and layer (batch 1: the chosen ones)."""
+    ran, handles = [], []
+    for i, block in enumerate(model.layers):
+        for e, expert in enumerate(block.moe.experts):
+            handles.append(expert.register_forward_hook(
+                lambda m, inp, out, i=i, e=e: ran.append((i, e, inp[0].shape[0]))
+            ))  # fmt: skip
+    try:
+        run(model, "summary", observe, prompts=[prompt], expert_bias=bias)
+    finally:
+        for h in handles:
+            h.remove()
+    return ran
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_recorded_experts_are_the_ones_used(model, biased):
+    E = model.config.n_experts
+    bias = torch.full((E,), -50.0) if biased else None
+    if biased:
+        bias[[E - 1, E - 2]] = 50.0  # the controller forces the last two experts
+    rec = Recorder()
+    ran = used_experts(model, [4], [rec], bias)  # 1-token prompt: every step T=1
+    routing = [a for k, a in rec.events if k == "routing"]
+    recorded = [(layer, sorted(r["experts"][0].tolist())) for _, layer, r in routing]
+    executed, it = [], iter(ran)
+    for layer, _ in recorded:
+        executed.append((layer, sorted(next(it)[1] for _ in range(2))))
+    assert recorded == executed
+    if biased:
+        assert all(e == [E - 2, E - 1] for _, e in recorded)
+        ov = torch.cat([r["overridden"] for _, _, r in routing])
+        assert ov.any()  # the router alone would often have chosen otherwise
+    else:
+        assert all(r["overridden"] is None for _, _, r in routing)
+
+
+def test_reference_path_records_the_same_routing(model):
+    fast, ref = Recorder(), Recorder()
+    run(model, "summary", [fast])
+    run(model, "summary", [ref], backend="reference")
+    a = [args[2]["experts"] for k, args in fast.events if k == "routing"]
+    b = [args[2]["experts"] for k, args in ref.events if k == "routing"]
+    assert len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_trace_of_a_generation_validates(model):
+    sink = MemorySink()
+    run(model, "diagnostic", [TraceRecorder(sink, {"checkpoint": "mem"})])
+    (lines,) = sink.traces
+    validate_trace(lines)
+    tokens = [x for x in lines if x["type"] == "token"]
+    assert len(tokens) == 12 and all(len(t["experts"]) == 2 for t in tokens)
+    assert {x["component"] for x in lines if x.get("event") == "timing"} == {
+        "attention",
+        "experts",
+    }

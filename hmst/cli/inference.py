@@ -71,6 +71,16 @@ def build_parser():
         default="none",
         help="int8: dynamic int8 weights on CPU (faster; logits drift a little)",
     )
+    p.add_argument(
+        "--trace", metavar="OUT.jsonl",
+        help="append a JSONL trace of every generation (schema: hmst/observe/"
+        "trace_schema.json): per-token logit summaries, experts per layer, events",
+    )  # fmt: skip
+    p.add_argument(
+        "--observe", choices=["off", "summary", "diagnostic"], default="off",
+        help="observation mode (diagnostic adds component timing and NaN/Inf "
+        "checks); --trace implies at least summary",
+    )  # fmt: skip
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
@@ -265,6 +275,7 @@ def main(argv=None) -> int:
     from hmst.generation.fast_forward import prepare_for_inference
     from hmst.generation.quantize import quantize_int8
     from hmst.generation.text import TextGenerator
+    from hmst.observe.trace import JSONLFileSink, TraceRecorder, checkpoint_info
 
     try:
         if args.prompt is not None and args.input:
@@ -288,7 +299,11 @@ def main(argv=None) -> int:
         model, tokenizer, _ = load_pretrained(args.checkpoint, device=args.device)
         if args.quantize == "int8":
             model = quantize_int8(model, inplace=True)
-        gen = TextGenerator(prepare_for_inference(model), tokenizer)
+        gen = TextGenerator(prepare_for_inference(model), tokenizer, args.observe)
+        if args.trace:
+            sink = JSONLFileSink(args.trace)
+            info = checkpoint_info(args.checkpoint)
+            gen.observers.register(TraceRecorder(sink, info, decode=tokenizer.decode))
         if prompts is not None:
             run_batch(gen, prompts, params, args.output, args.batch_size)
         elif args.prompt is not None:

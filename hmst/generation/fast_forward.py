@@ -7,8 +7,8 @@ the same modules with the same maths and skips them; a single token runs its K e
 directly instead of the sort/scatter dispatch. Tests check both paths agree to 1e-5 in
 fp32 (prefill and decode, padded or not). It also uses the int8 head made by
 `hmst.generation.quantize` when there is one. Hooks on the model, its blocks, MoE and
-router modules do not fire here (attention and expert hooks do): to observe routing
-while generating, use `generate_stream(..., backend="reference")`.
+router modules do not fire here (attention and expert hooks do): routing is observed
+through the explicit `tap` argument instead (see `hmst.observe.tap`).
 
 `prepare_for_inference` re-lays every Linear weight (and the tied head) column-major:
 the values are unchanged, but MKL's small-batch fp32 kernels read an (in, out) matrix
@@ -26,14 +26,22 @@ import torch.nn.functional as F
 from hmst.models.moe import grouped_experts
 
 
-def _moe(moe, x_BTD: torch.Tensor) -> torch.Tensor:
-    """Router (fp32) + grouped dispatch, as `MoE.forward` without its statistics."""
+def _moe(moe, x_BTD: torch.Tensor, bias_E=None, tap=None, layer=0) -> torch.Tensor:
+    """Router (fp32) + grouped dispatch, as `MoE.forward` without its statistics.
+    `bias_E` shifts which experts are chosen (as `Router`); `tap` records the choice."""
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)
     router = moe.router
     logits_TE = F.linear(x_TD.float(), router.gate.weight.float())
-    gates_TK, topk_idx_TK = logits_TE.softmax(dim=-1).topk(router.top_k, dim=-1)
+    probs_TE = logits_TE.softmax(dim=-1)
+    if bias_E is None:
+        gates_TK, topk_idx_TK = probs_TE.topk(router.top_k, dim=-1)
+    else:
+        topk_idx_TK = (logits_TE + bias_E).topk(router.top_k, dim=-1).indices
+        gates_TK = probs_TE.gather(1, topk_idx_TK)
     gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+    if tap is not None:
+        tap.route(layer, logits_TE, topk_idx_TK, gates_TK, bias_E)
     if B * T == 1:  # one token (batch-1 decoding): its K experts, no sort/scatter
         y_TD = sum(
             g * moe.experts[e](x_TD)
@@ -56,10 +64,13 @@ def head_logits(model, h_BD: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fast_logits(model, ids_BT, caches, pos: int, mask=None) -> torch.Tensor:
+def fast_logits(
+    model, ids_BT, caches, pos: int, mask=None, expert_bias=None, tap=None
+) -> torch.Tensor:
     """Logits (B, V) of the last of the T tokens at positions [pos, pos + T), writing
     their keys/values into `caches`. Same contract as `model(ids_BT, kv_caches=caches,
-    pos=pos, attn_mask=mask, last_only=True)["logits"][:, -1]`."""
+    pos=pos, attn_mask=mask, expert_bias=expert_bias, last_only=True)["logits"][:, -1]`.
+    `tap` (an `hmst.observe.ModelTap`, only when observed) records the routing."""
     T = ids_BT.shape[1]
     if pos + T > model.config.max_seq_len:
         raise ValueError(
@@ -67,15 +78,28 @@ def fast_logits(model, ids_BT, caches, pos: int, mask=None) -> torch.Tensor:
         )
     cos, sin = model.rope_cos[pos : pos + T], model.rope_sin[pos : pos + T]
     x = model.embed(ids_BT)
-    for layer, cache in zip(model.layers, caches):
+    for i, (layer, cache) in enumerate(zip(model.layers, caches)):
+        bias = expert_bias
+        if expert_bias is not None and expert_bias.dim() == 2:  # (L, E): per layer
+            bias = expert_bias[i]
         x = x + layer.attn(layer.attn_norm(x), cos, sin, cache, pos, mask)
-        x = x + _moe(layer.moe, layer.moe_norm(x))
+        x = x + _moe(layer.moe, layer.moe_norm(x), bias, tap, i)
     return head_logits(model, model.norm(x[:, -1]))
 
 
-def reference_logits(model, ids_BT, caches, pos: int, mask=None) -> torch.Tensor:
-    """The specification of `fast_logits`: the model's own forward."""
-    out = model(ids_BT, kv_caches=caches, pos=pos, attn_mask=mask, last_only=True)
+def reference_logits(
+    model, ids_BT, caches, pos: int, mask=None, expert_bias=None, tap=None
+) -> torch.Tensor:
+    """The specification of `fast_logits`: the model's own forward (a `tap` sees its
+    routing through router hooks: `ModelTap(..., hook_routers=True)`)."""
+    out = model(
+        ids_BT,
+        kv_caches=caches,
+        pos=pos,
+        attn_mask=mask,
+        expert_bias=expert_bias,
+        last_only=True,
+    )
     return out["logits"][:, -1]
 
 

@@ -45,15 +45,17 @@ def apply_repetition_penalty(logits_BV, context_BS, penalty: float):
     return logits_BV.scatter(1, context_BS, picked)
 
 
-def sample_next(logits_BV, params: SamplingParams, generator=None, context_BS=None):
-    """Next token ids (B,) from the last-position logits (B, V)."""
+def sampling_logits(logits_BV, params: SamplingParams, context_BS=None):
+    """The logits actually sampled from: penalties, temperature, top-k and top-p
+    applied (filtered tokens at -inf). Greedy (temperature 0): the penalised logits,
+    whose argmax is the token."""
     logits_BV = logits_BV.float()
     if context_BS is not None:
         logits_BV = apply_repetition_penalty(
             logits_BV, context_BS, params.repetition_penalty
         )
     if params.temperature == 0:
-        return logits_BV.argmax(dim=-1)
+        return logits_BV
     logits_BV = logits_BV / params.temperature
     if params.top_k and params.top_k < logits_BV.shape[-1]:
         kth = logits_BV.topk(params.top_k, dim=-1).values[:, -1:]
@@ -65,5 +67,17 @@ def sample_next(logits_BV, params: SamplingParams, generator=None, context_BS=No
         drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= params.top_p
         drop = drop_sorted.scatter(1, sorted_idx, drop_sorted)
         logits_BV = logits_BV.masked_fill(drop, float("-inf"))
-    probs = logits_BV.softmax(dim=-1)
+    return logits_BV
+
+
+def draw(filtered_BV, params: SamplingParams, generator=None):
+    """Token ids (B,) from `sampling_logits`: argmax when greedy, else a sample."""
+    if params.temperature == 0:
+        return filtered_BV.argmax(dim=-1)
+    probs = filtered_BV.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def sample_next(logits_BV, params: SamplingParams, generator=None, context_BS=None):
+    """Next token ids (B,) from the last-position logits (B, V)."""
+    return draw(sampling_logits(logits_BV, params, context_BS), params, generator)

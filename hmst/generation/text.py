@@ -14,6 +14,7 @@ import torch
 
 from hmst.generation.generate import generate_stream
 from hmst.generation.sampling import SamplingParams
+from hmst.observe.hooks import ObserverRegistry, check_mode
 from hmst.tokenizer import HMSTTokenizer
 
 
@@ -77,8 +78,12 @@ class _RowText:
 class TextGenerator:
     """Generation over text for a model + tokenizer (inference.py, demo.py)."""
 
-    def __init__(self, model, tokenizer: HMSTTokenizer):
+    def __init__(self, model, tokenizer: HMSTTokenizer, observe: str = "off"):
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.observe = check_mode(observe)
+        """Default observation mode: off | summary | diagnostic."""
+        self.observers = ObserverRegistry()
+        """Observers of every generation (`observers.scoped(obs)` for a block)."""
 
     def encode_prompt(
         self, prompt: str, params: SamplingParams
@@ -100,10 +105,11 @@ class TextGenerator:
         prompts: list[str],
         params: SamplingParams,
         on_text: Callable[[int, str], None] | None = None,
+        observe: str | None = None,
     ) -> list[GenerationResult]:
         """Generate for every prompt at once; `on_text(row, piece)` streams the text.
         Ctrl-C (KeyboardInterrupt) ends the generation early with finish_reason
-        'interrupted' instead of propagating."""
+        'interrupted' instead of propagating. `observe` overrides the mode."""
         t0 = time.perf_counter()
         encoded = [self.encode_prompt(p, params) for p in prompts]
         results = [
@@ -122,8 +128,9 @@ class TextGenerator:
         rows = [_RowText(self.tokenizer, params.stop) for _ in prompts]
         done = [False] * len(prompts)
         eos = self.tokenizer.eos_id
+        emitter = self.observers.emitter(observe or self.observe)
         stream: Iterator[torch.Tensor] = generate_stream(
-            self.model, [ids for ids, _ in encoded], params, eos
+            self.model, [ids for ids, _ in encoded], params, eos, observe=emitter
         )
         try:
             for step, nxt in enumerate(stream):
@@ -160,7 +167,7 @@ class TextGenerator:
         return results
 
     def generate(
-        self, prompt: str, params: SamplingParams, on_text=None
+        self, prompt: str, params: SamplingParams, on_text=None, observe=None
     ) -> GenerationResult:
         cb = (lambda _, piece: on_text(piece)) if on_text else None
-        return self.stream_batch([prompt], params, cb)[0]
+        return self.stream_batch([prompt], params, cb, observe)[0]

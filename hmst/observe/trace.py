@@ -46,6 +46,20 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def checkpoint_info(path: str) -> dict:
+    """Hashes that identify what produced a trace: config, weights, tokenizer."""
+    info = {"checkpoint": os.path.abspath(path)}
+    for key, name in (
+        ("config_sha256", "config.json"),
+        ("weights_sha256", "model.safetensors"),
+        ("tokenizer_sha256", "tokenizer.json"),
+    ):
+        f = os.path.join(path, name)
+        if os.path.isfile(f):
+            info[key] = sha256_file(f)
+    return info
+
+
 def logit_summary(raw_V, sample_probs_V, token: int, k: int = 5) -> dict:
     """Summary of one row's next-token distribution and the token drawn from it."""
     logp = raw_V.float().log_softmax(-1)
@@ -59,7 +73,7 @@ def logit_summary(raw_V, sample_probs_V, token: int, k: int = 5) -> dict:
     return {
         "token_id": int(token),
         "logit_entropy": float(-(p * logp).sum()),
-        "sampling_entropy": max(sampling_entropy, 0.0),
+        "sampling_entropy": max(0.0, sampling_entropy),
         "surprisal": float(-logp[token]),
         "top1_top2_margin": float(top.values[0] - top.values[1]),
         "topk": [[int(i), float(v)] for i, v in zip(top.indices[:k], top.values[:k])],
@@ -102,8 +116,10 @@ class JSONLFileSink(Sink):
 class TraceRecorder(Observer):
     """Builds the trace of each observed generation and hands it to the sink."""
 
-    def __init__(self, sink: Sink, model_info: dict | None = None, topk: int = 5):
-        self.sink, self.model_info, self.topk = sink, model_info or {}, topk
+    def __init__(self, sink: Sink, model_info: dict | None = None, decode=None):
+        """`model_info`: hashes for the header (`checkpoint_info`); `decode`: ids ->
+        text, to add each token's text to its record."""
+        self.sink, self.model_info, self.decode = sink, model_info or {}, decode
         self.location: str | None = None
         self._reset()
 
@@ -165,6 +181,8 @@ class TraceRecorder(Observer):
         for (step, row), rec in sorted(self.tokens.items()):
             layers = [r for _, r in sorted(self.routing.get(step, []), key=_first)]
             rec = {"type": "token", **rec}
+            if self.decode is not None:
+                rec["text"] = self.decode([rec["token_id"]])
             rec["experts"] = [r["experts"][row].tolist() for r in layers]
             rec["gates"] = [
                 [round(g, 6) for g in r["gates"][row].tolist()] for r in layers
