@@ -144,12 +144,59 @@ class ControllerConfig:
 
 @dataclass
 class CriticConfig:
-    """Critic / hallucination checker (issue #5)."""
+    """Critic / hallucination checker (`CriticModel`, issue #5): a bidirectional encoder
+    over (question, evidence, answer) segments."""
 
     d_model: int = 128
+    """Residual stream width."""
     n_layers: int = 2
+    """Encoder blocks (local conv + bidirectional attention + GELU MLP)."""
     n_heads: int = 4
+    """Attention heads."""
     d_ff: int = 256
+    """MLP hidden width."""
+    vocab_size: int = 4096
+    """Tokenizer vocabulary size (BOS/EOS/PAD included)."""
+    max_seq_len: int = 256
+    """Longest question + evidence + answer sequence (evidence is truncated first)."""
+    n_segments: int = 3
+    """Segment ids: question = 0, evidence = 1, answer = 2."""
+    pad_id: int = 2
+    """Padding token id (HMSTTokenizer's <|pad|>); padded keys are masked out."""
+    max_question_len: int = 64
+    """Question tokens kept when encoding."""
+    max_answer_len: int = 48
+    """Answer tokens kept when encoding."""
+    dropout: float = 0.1
+    """Dropout on embeddings, attention output and MLP output (0 disables it)."""
+    rel_window: int = 16
+    """Relative-position attention bias covers distances up to +-rel_window."""
+    conv_kernel: int = 7
+    """Width of the depthwise conv (local mixing) in each block; 0 disables it."""
+
+    def __post_init__(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"critic d_model {self.d_model} not divisible by n_heads {self.n_heads}"
+            )
+        for name in (
+            "vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len", "rel_window"
+        ):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ValueError(f"critic {name} must be positive")
+        if self.conv_kernel < 0 or (self.conv_kernel and self.conv_kernel % 2 == 0):
+            raise ValueError(
+                f"critic conv_kernel must be 0 or odd, got {self.conv_kernel}"
+            )
+        if self.n_segments != 3:
+            raise ValueError("critic n_segments must be 3 (question, evidence, answer)")
+        if self.max_question_len + self.max_answer_len >= self.max_seq_len:
+            raise ValueError(
+                "critic max_question_len + max_answer_len must leave room for evidence "
+                f"within max_seq_len {self.max_seq_len}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"critic dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass

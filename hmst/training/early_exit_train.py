@@ -1,0 +1,380 @@
+"""Train early-exit heads on a frozen model, tune the exit threshold, save both.
+
+    python -m hmst.training.early_exit_train --checkpoint checkpoints/micro/best \\
+        --output checkpoints/micro/early_exit [--steps 300] [--data FILE]
+
+Splits (characters, cut at line ends, as train.py): the last `--val-split` of the
+corpus is the test slice (reported, never tuned on); the last `--tune-fraction` of the
+rest is the tuning slice (heads never train on it); heads train on what is left.
+Heads: self-distillation KL(p_L || p_l) from the frozen model's final distribution
+plus next-token CE; the confidence MLP learns exp(-KL) by BCE (soft labels). The
+threshold is the one with the largest saving of block evaluations whose tuning-slice
+perplexity is at most `--max-ppl-increase` above the full model's.
+
+DIR gets `early_exit.json` (config incl. threshold, base-model fingerprint, results)
+and `early_exit.safetensors`, written atomically (`write_dir_atomic`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+
+PROG = "early_exit_train"
+CONFIG_FILE = "early_exit.json"
+WEIGHTS_FILE = "early_exit.safetensors"
+FORMAT = "hmst-early-exit-v1"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", required=True, help="model checkpoint directory")
+    p.add_argument("--output", required=True, help="directory for the exit heads")
+    p.add_argument("--data", default="data/tinyshakespeare.txt", help="text corpus")
+    p.add_argument("--val-split", type=float, default=0.1, help="held-out test tail")
+    p.add_argument("--tune-fraction", type=float, default=0.05,
+                   help="tail of the training split to tune on")  # fmt: skip
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--kl-weight", type=float, default=0.5, help="KL vs CE mix")
+    p.add_argument("--adapter-rank", type=int, default=64)
+    p.add_argument("--conf-hidden", type=int, default=0, help="0: linear probe")
+    p.add_argument("--exit-layers", type=int, nargs="+", default=None,
+                   help="blocks with a head (default: all intermediate)")  # fmt: skip
+    p.add_argument("--max-ppl-increase", type=float, default=0.01)
+    p.add_argument("--tune-windows", type=int, default=None, help="default: all")
+    p.add_argument("--test-windows", type=int, default=None, help="default: all")
+    p.add_argument("--num-threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1337)
+    return p
+
+
+def fail(msg: str) -> None:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# -- save / load -----------------------------------------------------------------------
+
+
+def model_fingerprint(model) -> str:
+    """Hash of the embedding (= tied head) the heads were trained against."""
+    w = model.embed.weight.detach().float().cpu().contiguous()
+    return hashlib.sha256(w.numpy().tobytes()).hexdigest()[:16]
+
+
+def save_heads(path: str, heads, model, meta: dict | None = None) -> None:
+    from safetensors.torch import save_model
+
+    from hmst.checkpoint import write_dir_atomic
+
+    doc = dict(
+        format=FORMAT,
+        config=heads.config.to_dict(),
+        base=dict(
+            fingerprint=model_fingerprint(model),
+            n_layers=model.config.n_layers,
+            d_model=model.config.d_model,
+            vocab_size=model.config.vocab_size,
+        ),
+        meta=meta or {},
+    )
+
+    def write(tmp):
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump(doc, f, indent=2)
+        save_model(heads, os.path.join(tmp, WEIGHTS_FILE))
+
+    write_dir_atomic(path, write)
+
+
+def load_heads(path: str, model):
+    """Exit heads saved by `save_heads`, checked against `model` (raises ValueError
+    if they were trained for another model, FileNotFoundError if absent)."""
+    from safetensors.torch import load_model
+
+    from hmst.models.early_exit import EarlyExitConfig, EarlyExitHeads
+
+    cfg_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_file):
+        raise FileNotFoundError(f"no early-exit heads ({CONFIG_FILE}) in {path}")
+    with open(cfg_file) as f:
+        doc = json.load(f)
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{cfg_file}: unknown format {doc.get('format')!r}")
+    if doc["base"]["fingerprint"] != model_fingerprint(model):
+        raise ValueError(f"early-exit heads in {path} were trained for another model")
+    heads = EarlyExitHeads(model.config, EarlyExitConfig(**doc["config"]))
+    load_model(heads, os.path.join(path, WEIGHTS_FILE), strict=True)
+    return heads.to(model.embed.weight.device)
+
+
+# -- data ------------------------------------------------------------------------------
+
+
+def prepare_splits(tokenizer, data: str, val_split: float, tune_fraction: float):
+    """(train, tune, test) token arrays; see the module docstring."""
+    from hmst.data import read_documents, split_documents_tail, tokenize_documents
+
+    rest, test = split_documents_tail(read_documents([data]), val_split)
+    train, tune = split_documents_tail(rest, tune_fraction)
+    return tuple(tokenize_documents(tokenizer, d) for d in (train, tune, test))
+
+
+def windows_of(ids, seq_len: int, max_windows: int | None):
+    from hmst.data import TokenData, eval_windows
+
+    return eval_windows(TokenData([ids]), seq_len, max_windows or 10**9)
+
+
+# -- training --------------------------------------------------------------------------
+
+
+def head_losses(model, heads, x, y, kl_weight: float):
+    """Per exit layer: kl_weight * KL(p_L || p_l) + (1 - kl_weight) * CE, plus the
+    confidence BCE against exp(-KL). Returns (total loss, {layer: mean KL})."""
+    import torch
+    import torch.nn.functional as F
+
+    from hmst.models.early_exit import base_hidden_states
+
+    hs, final = base_hidden_states(model, x)
+    logp_L = F.log_softmax(final.float(), -1)
+    p_L = logp_L.exp()
+    total, kls = 0.0, {}
+    for layer in heads.config.exit_layers:
+        logp = F.log_softmax(heads.logits(model, layer, hs[layer]).float(), -1)
+        kl_BT = (p_L * (logp_L - logp)).sum(-1)
+        ce = F.nll_loss(logp.flatten(0, 1), y.flatten())
+        target = torch.exp(-kl_BT.detach())
+        bce = F.binary_cross_entropy_with_logits(
+            heads.confidence_logit(layer, hs[layer]), target
+        )
+        total = total + kl_weight * kl_BT.mean() + (1 - kl_weight) * ce + bce
+        kls[layer] = kl_BT.mean().item()
+    return total / len(heads.config.exit_layers), kls
+
+
+def train_heads(model, heads, train_ids, steps, batch_size, lr, kl_weight, seed):
+    import torch
+
+    from hmst.data import BatchSampler, TokenData
+    from hmst.training.optim import build_scheduler
+
+    model.eval().requires_grad_(False)
+    heads.train()
+    sampler = BatchSampler(TokenData([train_ids]), model.config.max_seq_len, seed)
+    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=0.0)
+    sched = build_scheduler(opt, min(20, steps // 10 + 1), steps, 0.1)
+    t0, log = time.time(), []
+    for step in range(1, steps + 1):
+        x, y = sampler.next_batches(batch_size, 1, 0, 1)[0]
+        loss, kls = head_losses(model, heads, x, y, kl_weight)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        if step % 25 == 0 or step == steps:
+            kl_txt = " ".join(f"KL{k} {v:.3f}" for k, v in kls.items())
+            print(f"step {step}/{steps} loss {loss.item():.4f} {kl_txt} "
+                  f"({time.time() - t0:.0f}s)", flush=True)  # fmt: skip
+            log.append(dict(step=step, loss=loss.item(), kl=kls))
+    heads.eval()
+    return log
+
+
+# -- evaluation and tuning -------------------------------------------------------------
+
+
+def evaluate_exit(model, heads, windows, threshold, batch_size: int = 8, rule=None):
+    """Teacher-forced ppl of the emitted distributions and exact layer counts."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from hmst.models.early_exit import early_exit_forward, layer_counts
+
+    nats, exits = 0.0, []
+    for i in range(0, len(windows), batch_size):
+        w = torch.from_numpy(np.stack(windows[i : i + batch_size]).astype(np.int64))
+        out = early_exit_forward(model, heads, w[:, :-1], threshold, rule)
+        nats += F.cross_entropy(
+            out["logits"].flatten(0, 1).float(), w[:, 1:].flatten(), reduction="sum"
+        ).item()
+        exits.append(out["exit_layer"].flatten())
+    exit_layer = torch.cat(exits)
+    L = model.config.n_layers
+    res = layer_counts(exit_layer, L)
+    res.update(
+        threshold=threshold,
+        loss=nats / res["tokens"],
+        ppl=math.exp(nats / res["tokens"]),
+        exit_hist=torch.bincount(exit_layer, minlength=L).tolist(),
+    )
+    return res
+
+
+def candidate_thresholds(model, heads, windows, batch_size: int = 8):
+    """Thresholds at which ~5%..98% of tokens would exit somewhere, read off the
+    confidences of the full-depth states (a cheap guide; every candidate is then
+    evaluated exactly)."""
+    import numpy as np
+    import torch
+
+    from hmst.models.early_exit import base_hidden_states
+
+    best = []
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            w = torch.from_numpy(np.stack(windows[i : i + batch_size]).astype(np.int64))
+            hs, _ = base_hidden_states(model, w[:, :-1])
+            conf = torch.stack(
+                [
+                    heads.confidence(model, layer, hs[layer], "learned")[0]
+                    for layer in heads.config.exit_layers
+                ]
+            )
+            best.append(conf.amax(0).flatten())
+    best = torch.cat(best).double()
+    qs = torch.tensor(
+        [0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02]
+    )
+    taus = torch.quantile(best, qs.double()).tolist() + [0.0]  # 0: all exit
+    return sorted(set(taus), reverse=True)
+
+
+def tune_threshold(model, heads, windows, max_increase: float, refine: int = 4):
+    """Largest saving with ppl <= (1 + max_increase) * full ppl on `windows`:
+    exact evaluation of the candidate grid, then bisection between the best passing
+    candidate and the next lower one (which failed).
+    Returns (threshold or None, full-model row, rows)."""
+    from hmst.models.early_exit import NEVER
+
+    full = evaluate_exit(model, heads, windows, NEVER)
+    limit = full["ppl"] * (1 + max_increase)
+    rows = [
+        evaluate_exit(model, heads, windows, tau)
+        for tau in candidate_thresholds(model, heads, windows)
+    ]  # descending threshold: ascending saving
+    passing = [r for r in rows if r["ppl"] <= limit]
+    ok = max(passing, key=lambda r: r["saved_fraction"]) if passing else None
+    lower = [r for r in rows if ok and r["threshold"] < ok["threshold"]]
+    bad = next((r for r in lower if r["ppl"] > limit), None)
+    for _ in range(refine if ok is not None and bad is not None else 0):
+        tau = 0.5 * (ok["threshold"] + bad["threshold"])
+        r = evaluate_exit(model, heads, windows, tau)
+        rows.append(r)
+        if r["ppl"] <= limit and r["saved_fraction"] >= ok["saved_fraction"]:
+            ok = r
+        else:
+            bad = r
+    rows.sort(key=lambda r: -r["threshold"])
+    return (ok["threshold"] if ok else None), full, rows
+
+
+def format_row(name, r, base_ppl) -> str:
+    return (
+        f"{name:<14} {r['ppl']:>9.3f} {100 * (r['ppl'] / base_ppl - 1):>+7.2f}% "
+        f"{r['layers_per_token']:>7.3f} {100 * r['saved_fraction']:>6.1f}%  "
+        f"{r['exit_hist']}"
+    )
+
+
+TABLE_HEAD = (
+    f"{'threshold':<14} {'ppl':>9} {'d_ppl':>8} {'layers':>7} {'saved':>7}  exits"
+)
+
+
+# -- entry point -----------------------------------------------------------------------
+
+
+def run(args) -> dict:
+    import torch
+
+    from hmst.checkpoint import load_pretrained, resolve
+    from hmst.models.early_exit import EarlyExitConfig, EarlyExitHeads, NEVER
+
+    torch.manual_seed(args.seed)
+    ckpt = resolve(args.checkpoint)
+    if os.path.abspath(args.output.rstrip("/")) == os.path.abspath(ckpt):
+        raise ValueError("--output must not be the checkpoint directory itself")
+    model, tok, _ = load_pretrained(ckpt)
+    model.eval().requires_grad_(False)
+    L, seq = model.config.n_layers, model.config.max_seq_len
+    if L < 2:
+        raise ValueError(f"a {L}-block model has no intermediate block to exit from")
+    layers = args.exit_layers or list(range(L - 1))
+    cfg = EarlyExitConfig(layers, args.adapter_rank, args.conf_hidden)
+    heads = EarlyExitHeads(model.config, cfg).init_from(model)
+    train, tune, test = prepare_splits(
+        tok, args.data, args.val_split, args.tune_fraction
+    )
+    print(f"tokens: train {len(train):,} | tune {len(tune):,} | test {len(test):,}; "
+          f"heads {sum(p.numel() for p in heads.parameters()):,} params")  # fmt: skip
+    t0 = time.time()
+    log = train_heads(model, heads, train, args.steps, args.batch_size, args.lr,
+                      args.kl_weight, args.seed)  # fmt: skip
+    train_s = time.time() - t0
+    tune_w = windows_of(tune, seq, args.tune_windows)
+    tau, tune_full, tune_rows = tune_threshold(
+        model, heads, tune_w, args.max_ppl_increase
+    )
+    print(f"\ntuning slice ({len(tune_w)} windows), full-model ppl "
+          f"{tune_full['ppl']:.3f}\n{TABLE_HEAD}")  # fmt: skip
+    for r in tune_rows:
+        print(format_row(f"{r['threshold']:.6f}", r, tune_full["ppl"]))
+    if tau is None:
+        print(f"no threshold keeps the ppl increase <= {args.max_ppl_increase:.1%}: "
+              "saving heads with threshold 'never'")  # fmt: skip
+    heads.config.threshold = tau if tau is not None else NEVER
+    test_w = windows_of(test, seq, args.test_windows)
+    test_full = evaluate_exit(model, heads, test_w, NEVER)
+    test_exit = evaluate_exit(model, heads, test_w, heads.config.threshold)
+    print(f"\ntest slice ({len(test_w)} windows, {test_full['tokens']:,} tokens)")
+    print(TABLE_HEAD)
+    print(format_row("full model", test_full, test_full["ppl"]))
+    print(format_row(f"tuned {heads.config.threshold:.4f}", test_exit,
+                     test_full["ppl"]))  # fmt: skip
+    meta = dict(
+        checkpoint=ckpt,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        kl_weight=args.kl_weight,
+        train_seconds=round(train_s, 1),
+        max_ppl_increase=args.max_ppl_increase,
+        tune=dict(full=tune_full, rows=tune_rows),
+        test=dict(full=test_full, early_exit=test_exit),
+        train_log=log,
+    )
+    save_heads(args.output, heads, model, meta)
+    print(f"wrote {args.output}/{CONFIG_FILE} and {WEIGHTS_FILE}")
+    return meta
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+    if not os.path.exists(args.checkpoint):
+        fail(f"checkpoint not found: {args.checkpoint}")
+    if not os.path.exists(args.data):
+        fail(f"corpus not found: {args.data}")
+    if not (0.0 < args.val_split < 1.0 and 0.0 < args.tune_fraction < 1.0):
+        fail("--val-split and --tune-fraction must be in (0, 1)")
+    if args.steps < 1 or args.batch_size < 1:
+        fail("--steps and --batch-size must be >= 1")
+    import torch
+
+    torch.set_num_threads(args.num_threads)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError) as e:
+        fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

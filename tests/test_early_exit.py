@@ -1,0 +1,210 @@
+"""Early exit: never-exit == the model, exit-at-once counts, KV-cached decoding ==
+the teacher-forced simulation, heads save -> load, CLI errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_config
+
+from hmst.models.base_moe import BaseMoEModel
+from hmst.models.early_exit import (
+    NEVER,
+    EarlyExitConfig,
+    EarlyExitHeads,
+    early_exit_forward,
+    greedy_decode,
+    forced_decode,
+    layer_counts,
+)
+from hmst.training.early_exit_train import (
+    CONFIG_FILE,
+    head_losses,
+    load_heads,
+    save_heads,
+)
+
+L = 4
+
+
+def build(dtype=torch.float32, layers=(0, 1, 2), seed=0, rule="learned", hidden=16):
+    torch.manual_seed(seed)
+    cfg = tiny_config(n_layers=L)
+    model = BaseMoEModel(config=cfg).to(dtype).eval().requires_grad_(False)
+    heads = EarlyExitHeads(cfg, EarlyExitConfig(layers, 8, hidden, rule=rule))
+    heads.init_from(model)
+    with torch.no_grad():  # random, spread-out confidences and non-trivial adapters
+        for p in list(heads.conf.parameters()) + list(heads.adapters.parameters()):
+            p.normal_(0.0, 0.5)
+    return model, heads.to(dtype).eval()
+
+
+def mid_threshold(model, heads, ids):
+    """A threshold at which some tokens exit early and others do not."""
+    from hmst.models.early_exit import base_hidden_states
+
+    hs, _ = base_hidden_states(model, ids)
+    conf = torch.cat([heads.confidence(model, i, hs[i], "learned")[0].flatten()
+                      for i in heads.config.exit_layers])  # fmt: skip
+    return float(conf.detach().quantile(0.75))
+
+
+def test_never_exit_equals_model_exactly():
+    model, heads = build()
+    ids = torch.randint(0, 300, (3, 32))
+    out = early_exit_forward(model, heads, ids, threshold=NEVER)
+    assert torch.equal(out["logits"], model(ids)["logits"])
+    assert (out["exit_layer"] == L - 1).all()
+    prompt = ids[:1, :5]
+    toks, exits = greedy_decode(model, heads, prompt, 12, threshold=NEVER)
+    ref, _ = greedy_decode(model, None, prompt, 12)
+    assert torch.equal(toks, ref) and exits == [L - 1] * 12
+    full = model(torch.cat([prompt, toks[:, :-1]], 1))["logits"][0, 4:].argmax(-1)
+    assert torch.equal(full, toks[0])
+
+
+@pytest.mark.parametrize("layers", [(0, 1, 2), (1, 2)])
+def test_threshold_zero_exits_at_first_exit_layer(layers):
+    model, heads = build(layers=layers)
+    ids = torch.randint(0, 300, (2, 32))
+    out = early_exit_forward(model, heads, ids, threshold=0.0)
+    first = layers[0]
+    assert (out["exit_layer"] == first).all()
+    c = layer_counts(out["exit_layer"], L)
+    n = ids.numel()
+    assert c["block_evals"] == n * (first + 1)
+    assert c["kv_fills"] == n * (L - 1 - first)
+    assert c["saved_fraction"] == pytest.approx(1 - (first + 1) / L)
+    # The emitted distribution is that exit head's, position by position.
+    x = model.embed(ids)
+    cos, sin = model.rope_cos[:32], model.rope_sin[:32]
+    with torch.no_grad():
+        for layer in model.layers[: first + 1]:
+            x = layer(x, cos, sin)[0]
+        expect = heads.logits(model, first, x)
+    torch.testing.assert_close(out["logits"], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_positions_never_exit():
+    model, heads = build()
+    ids = torch.randint(0, 300, (2, 32))
+    out = early_exit_forward(model, heads, ids, threshold=0.0, exit_from=10)
+    assert (out["exit_layer"][:, :10] == L - 1).all()
+    assert (out["exit_layer"][:, 10:] == 0).all()
+    ref = model(ids)["logits"]
+    torch.testing.assert_close(out["logits"][:, :10], ref[:, :10])
+
+
+@pytest.mark.parametrize("rule", ["learned", "max_prob"])
+def test_cached_decode_equals_teacher_forced_simulation(rule):
+    """Token-by-token decoding with the KV cache (K/V fill for skipped blocks) takes
+    the same exit decisions and emits the same distributions as the layer-parallel
+    teacher-forced pass over the whole sequence; fp64 so no decision sits on a
+    rounding tie."""
+    model, heads = build(torch.float64, rule=rule)
+    prompt = torch.randint(0, 300, (1, 6))
+    if rule == "learned":
+        tau = mid_threshold(model, heads, prompt)
+    else:
+        tau = 0.0105  # max-prob of a near-uniform 300-way tiny model: mixed exits
+    toks, exits = greedy_decode(model, heads, prompt, 24, threshold=tau)
+    seq = torch.cat([prompt, toks[:, :-1]], 1)
+    sim = early_exit_forward(model, heads, seq, threshold=tau, exit_from=6)
+    assert sim["exit_layer"][0, 5:].tolist() == exits
+    assert len(set(exits)) >= 2, f"threshold gave no mix of exit layers: {exits}"
+    assert torch.equal(sim["logits"][0, 5:].argmax(-1), toks[0])
+    # The emitted distributions too, step by step against the cache.
+    logits, exits2 = forced_decode(model, heads, seq, 6, tau)
+    assert exits2 == exits
+    torch.testing.assert_close(logits, sim["logits"][:, 5:])
+    # Skipped blocks matter: later tokens differ from the full model's.
+    full = model(seq)["logits"][0, 5:]
+    assert not torch.allclose(sim["logits"][0, 5:], full)
+
+
+def test_only_heads_get_gradients():
+    model, heads = build()
+    heads.train()
+    x = torch.randint(0, 300, (2, 32))
+    loss, kls = head_losses(model, heads, x, torch.roll(x, -1, 1), kl_weight=0.5)
+    loss.backward()
+    assert set(kls) == {0, 1, 2} and all(v >= 0 for v in kls.values())
+    assert all(p.grad is None for p in model.parameters())
+    grads = [p.grad for p in heads.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("hidden", [0, 16])
+def test_heads_save_load_identical(tmp_path, hidden):
+    model, heads = build(hidden=hidden)
+    heads.config.threshold = 0.6
+    path = str(tmp_path / "ee")
+    save_heads(path, heads, model, meta={"note": "x"})
+    back = load_heads(path, model)
+    assert back.config == heads.config
+    sd, sd2 = heads.state_dict(), back.state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    ids = torch.randint(0, 300, (2, 32))
+    a = early_exit_forward(model, heads, ids)
+    b = early_exit_forward(model, back, ids)
+    assert torch.equal(a["logits"], b["logits"])
+    assert torch.equal(a["exit_layer"], b["exit_layer"])
+    other, _ = build(seed=1, hidden=hidden)
+    with pytest.raises(ValueError, match="another model"):
+        load_heads(path, other)
+    with open(os.path.join(path, CONFIG_FILE)) as f:
+        assert json.load(f)["config"]["threshold"] == 0.6
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "hmst.training.early_exit_train", *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+
+
+def test_cli_missing_checkpoint(tmp_path):
+    r = _cli("--checkpoint", str(tmp_path / "nope"), "--output", str(tmp_path / "o"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("early_exit_train: error: ")
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_trains_tunes_and_saves(tmp_path, tokenizer):
+    torch.manual_seed(0)
+    cfg = tiny_config(n_layers=3)
+    ckpt = str(tmp_path / "ckpt")
+    BaseMoEModel(config=cfg).save_pretrained(ckpt, tokenizer=tokenizer)
+    corpus = tmp_path / "c.txt"
+    with open(os.path.join(ROOT, "data", "tinyshakespeare.txt")) as f:
+        corpus.write_text(f.read()[:60_000])
+    out = str(tmp_path / "ee")
+    r = _cli("--checkpoint", ckpt, "--output", out, "--data", str(corpus),
+             "--steps", "3", "--tune-windows", "4", "--test-windows", "4",
+             "--adapter-rank", "4", "--conf-hidden", "8")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "test slice" in r.stdout
+    model = BaseMoEModel.from_pretrained(ckpt)
+    heads = load_heads(out, model)
+    with open(os.path.join(out, CONFIG_FILE)) as f:
+        doc = json.load(f)
+    assert heads.config.threshold == doc["config"]["threshold"]
+    assert heads.config.exit_layers == (0, 1)
+    assert doc["meta"]["test"]["full"]["saved_fraction"] == 0.0
+    r = _cli("--checkpoint", ckpt, "--output", ckpt)
+    assert r.returncode == 2 and "must not be the checkpoint" in r.stderr
+
+
+def test_batched_decode_exits_when_every_row_is_confident():
+    model, heads = build(torch.float64)
+    ids = torch.randint(0, 300, (2, 16))
+    logits, exits = forced_decode(model, heads, ids, 6, threshold=0.0)
+    assert exits == [L - 1] + [0] * 10
+    sim = early_exit_forward(model, heads, ids, threshold=0.0, exit_from=6)
+    torch.testing.assert_close(logits, sim["logits"][:, 5:])
+    _, exits = forced_decode(model, heads, ids, 6, threshold=NEVER)
+    assert exits == [L - 1] * 11
