@@ -9,7 +9,11 @@ from hmst.configs import (  # noqa: F401
     get_small_config,
     get_tiny_config,
 )
+from hmst.memory import EpisodicMemory, MemoryConsolidator, SemanticMemory  # noqa: F401
 from hmst.models.base_moe import BaseMoEModel  # noqa: F401
+from hmst.models.critic import CriticModel  # noqa: F401
+from hmst.models.ssm import EpisodicMemorySSM  # noqa: F401
+from hmst.observe.hooks import Observer  # noqa: F401
 from hmst.tokenizer import HMSTTokenizer  # noqa: F401
 
 __version__ = "0.1.0"
@@ -19,10 +23,6 @@ __version__ = "0.1.0"
 _NOT_YET = {
     "HMSTInferenceEngine": "issue #5 (inference engine)",
     "MetaController": "issue #5 (meta-controller)",
-    "CriticModel": "issue #5 (critic)",
-    "EpisodicMemorySSM": "issue #4 (memory hierarchy)",
-    "EpisodicMemory": "issue #4 (memory hierarchy)",
-    "SemanticMemory": "issue #4 (memory hierarchy)",
 }
 
 
