@@ -38,6 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from common import build_mixtral  # noqa: E402
 from hmst.configs.model_config import ModelConfig  # noqa: E402
 from hmst.generation.fast_forward import (  # noqa: E402
     fast_logits,
@@ -53,25 +54,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_hf(cfg: ModelConfig, impl: str):
-    from transformers import MixtralConfig, MixtralForCausalLM
-
-    hf_cfg = MixtralConfig(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_ff,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.kv_heads,
-        num_local_experts=cfg.n_experts,
-        num_experts_per_tok=cfg.num_experts_per_tok,
-        max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=True,
-        rope_theta=cfg.rope_theta,
-    )
-    model = MixtralForCausalLM._from_config(
-        hf_cfg, attn_implementation="sdpa", experts_implementation=impl
-    )
-    return model.eval()
+    return build_mixtral(cfg, impl, router_logits=False).eval()
 
 
 def time_hmst(model, backend, prompt, new_tokens, clock):

@@ -63,7 +63,9 @@ def build_dense(cfg: ModelConfig) -> BaseMoEModel:
     return model
 
 
-def build_mixtral(cfg: ModelConfig, impl: str):
+def build_mixtral(cfg: ModelConfig, impl: str, router_logits: bool = True):
+    """HF transformers Mixtral at hmst's config. `router_logits` (needed for its aux
+    loss in training) is turned off for generation, where it would only cost time."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     hf_cfg = MixtralConfig(
@@ -80,7 +82,7 @@ def build_mixtral(cfg: ModelConfig, impl: str):
         rope_theta=cfg.rope_theta,
         initializer_range=cfg.init_std,
         router_aux_loss_coef=cfg.load_balance_coef,
-        output_router_logits=True,
+        output_router_logits=router_logits,
     )
     return MixtralForCausalLM._from_config(
         hf_cfg, attn_implementation="sdpa", experts_implementation=impl
