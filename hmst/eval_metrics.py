@@ -58,25 +58,29 @@ def ece(probs, labels, n_bins: int = 15) -> float:
     return float(total)
 
 
-def bootstrap_auroc_ci(
-    scores, labels, pair_ids=None, n_boot: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% percentile interval of AUROC, resampling `pair_ids` groups (a question with
-    its correct and its corrupted answer stays together) or single items."""
-    s = np.asarray(scores, dtype=np.float64).ravel()
-    y = np.asarray(labels).ravel().astype(bool)
-    groups = np.arange(len(s)) if pair_ids is None else np.asarray(pair_ids)
+def _group_resamples(y, pair_ids, n_boot: int, seed: int):
+    """Bootstrap index sets that resample whole groups (a question with its correct and
+    its corrupted answer stays together), skipping draws with a single class."""
+    groups = np.arange(len(y)) if pair_ids is None else np.asarray(pair_ids)
     uniq, inverse = np.unique(groups, return_inverse=True)
     members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
     rng = np.random.default_rng(seed)
-    values = []
     for _ in range(n_boot):
         pick = np.concatenate(
             [members[g] for g in rng.integers(0, len(uniq), len(uniq))]
         )
         if y[pick].all() or not y[pick].any():
             continue
-        values.append(auroc(s[pick], y[pick]))
+        yield pick
+
+
+def bootstrap_auroc_ci(
+    scores, labels, pair_ids=None, n_boot: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile interval of AUROC, resampling `pair_ids` groups or items."""
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels).ravel().astype(bool)
+    values = [auroc(s[i], y[i]) for i in _group_resamples(y, pair_ids, n_boot, seed)]
     lo, hi = np.percentile(values, [2.5, 97.5])
     return float(lo), float(hi)
 
@@ -90,18 +94,11 @@ def bootstrap_auroc_diff(
     a = np.asarray(scores_a, dtype=np.float64).ravel()
     b = np.asarray(scores_b, dtype=np.float64).ravel()
     y = np.asarray(labels).ravel().astype(bool)
-    groups = np.arange(len(a)) if pair_ids is None else np.asarray(pair_ids)
-    uniq, inverse = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(inverse == g) for g in range(len(uniq))]
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        pick = np.concatenate(
-            [members[g] for g in rng.integers(0, len(uniq), len(uniq))]
-        )
-        if y[pick].all() or not y[pick].any():
-            continue
-        diffs.append(auroc(a[pick], y[pick]) - auroc(b[pick], y[pick]))
-    diffs = np.asarray(diffs)
+    diffs = np.asarray(
+        [
+            auroc(a[i], y[i]) - auroc(b[i], y[i])
+            for i in _group_resamples(y, pair_ids, n_boot, seed)
+        ]
+    )
     lo, hi = np.percentile(diffs, [2.5, 97.5])
     return float(lo), float(hi), float((diffs > 0).mean())

@@ -44,7 +44,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from hmst.checkpoint import write_dir_atomic
-from hmst.memory.index import CorruptFileError
+from hmst.memory.index import CorruptFileError, read_json_header
 
 TENSORS_FILE = "tensors.safetensors"
 ENTRIES_FILE = "entries.json"
@@ -310,15 +310,4 @@ def _read_entries(path: str) -> dict:
         raise FileNotFoundError(
             f"no episodic memory snapshot at {os.path.dirname(path)}"
         )
-    try:
-        with open(path) as f:
-            meta = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path}: truncated or not JSON ({e})") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CorruptFileError(f"{path}: not an episodic memory file")
-    if meta.get("version") != VERSION:
-        raise CorruptFileError(
-            f"{path}: version {meta.get('version')}, expected {VERSION}"
-        )
-    return meta
+    return read_json_header(path, FORMAT, VERSION)

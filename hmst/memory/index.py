@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -51,6 +52,22 @@ TOMBSTONE_FILE = "tombstones.npy"
 
 class CorruptFileError(ValueError):
     """A persisted memory file is truncated or unreadable; the message names it."""
+
+
+def read_json_header(path: str, fmt: str, version: int) -> dict:
+    """Load a memory snapshot's JSON header and check its format tag and version."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CorruptFileError(f"{path}: truncated or not JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != fmt:
+        raise CorruptFileError(f"{path}: not a {fmt} file")
+    if data.get("version") != version:
+        raise CorruptFileError(
+            f"{path}: format version {data.get('version')}, expected {version}"
+        )
+    return data
 
 
 @dataclass

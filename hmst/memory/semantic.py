@@ -37,7 +37,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from hmst.checkpoint import write_dir_atomic
-from hmst.memory.index import CorruptFileError, IndexConfig, VectorIndex, check_size
+from hmst.memory.index import (
+    CorruptFileError,
+    IndexConfig,
+    VectorIndex,
+    check_size,
+    read_json_header,
+)
 
 MANIFEST_FILE = "manifest.json"
 DB_FILE = "entries.sqlite"
@@ -336,15 +342,4 @@ def _resolve(path: str) -> str:
 
 
 def _read_manifest(path: str) -> dict:
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CorruptFileError(f"{path}: truncated or not JSON ({e})") from e
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise CorruptFileError(f"{path}: not a semantic memory manifest")
-    if manifest.get("version") != VERSION:
-        raise CorruptFileError(
-            f"{path}: format version {manifest.get('version')}, expected {VERSION}"
-        )
-    return manifest
+    return read_json_header(path, FORMAT, VERSION)
