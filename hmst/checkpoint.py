@@ -34,9 +34,12 @@ STATE_TENSORS = "trainer_state.pt"
 
 
 def _fsync_dir_files(path: str) -> None:
-    for name in os.listdir(path):
-        with open(os.path.join(path, name), "rb") as f:
-            os.fsync(f.fileno())
+    """fsync every file under `path` (sub-directories too: a saved system nests
+    component directories)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
 
 
 def write_dir_atomic(path: str, write_fn) -> None:

@@ -148,13 +148,19 @@ def make_fact(subject: str, relation: Relation, value: str) -> Fact:
     )
 
 
-def make_fact_base(n: int, seed: int = 0, relations_per_subject: int = 4) -> list[Fact]:
+def make_fact_base(
+    n: int,
+    seed: int = 0,
+    relations_per_subject: int = 4,
+    relations: tuple[Relation, ...] = RELATIONS,
+) -> list[Fact]:
     """`n` facts about ceil(n / relations_per_subject) generated people, each with
-    distinct relations; person-valued relations point at other people of the base."""
+    distinct relations drawn from `relations`; person-valued relations point at other
+    people of the base."""
     if n <= 0:
         raise ValueError(f"n must be positive, got {n}")
-    if not 1 <= relations_per_subject <= len(RELATIONS):
-        raise ValueError(f"relations_per_subject must be in [1, {len(RELATIONS)}]")
+    if not 1 <= relations_per_subject <= len(relations):
+        raise ValueError(f"relations_per_subject must be in [1, {len(relations)}]")
     rng = random.Random(seed)
     num_subjects = -(-n // relations_per_subject)
     names: list[str] = []
@@ -166,7 +172,7 @@ def make_fact_base(n: int, seed: int = 0, relations_per_subject: int = 4) -> lis
             names.append(name)
     facts: list[Fact] = []
     for subject in names:
-        for relation in rng.sample(RELATIONS, relations_per_subject):
+        for relation in rng.sample(relations, relations_per_subject):
             if relation.value_type == "person":
                 value = rng.choice([p for p in rng.sample(names, 2) if p != subject])
             else:

@@ -7,6 +7,9 @@ finish reason, timings) or `.txt` (one generation per block).
 A prompt longer than the context loses its start (a warning says how many tokens) so
 that min(--max-length, half the context) new tokens fit. Decoding uses the inference
 path of `hmst.generation.fast_forward`; `--quantize int8` adds dynamic int8 weights.
+
+A system directory (manifest.json: the model with its memories, critic and controller)
+runs every query through `HMSTInferenceEngine` instead: see `hmst/cli/engine_cli.py`.
 """
 
 from __future__ import annotations
@@ -80,6 +83,16 @@ def build_parser():
         "--observe", choices=["off", "summary", "diagnostic"], default="off",
         help="observation mode (diagnostic adds component timing and NaN/Inf "
         "checks); --trace implies at least summary",
+    )  # fmt: skip
+    p.add_argument(
+        "--policy", choices=["controller", "fixed"],
+        help="system directories only: the meta-controller (default when the system "
+        "has one) or the system's fixed decisions",
+    )  # fmt: skip
+    p.add_argument(
+        "--force", action="append", default=[], metavar="NAME=0|1",
+        help="system directories only: force a decision (early_exit, episodic, "
+        "semantic, verification); repeatable",
     )  # fmt: skip
     p.add_argument("--num-threads", type=int, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -296,6 +309,13 @@ def main(argv=None) -> int:
             stop=[unescape(s) for s in args.stop],
         )
         prompts = read_prompts(args.input) if args.input else None
+        if os.path.isfile(os.path.join(args.checkpoint, "manifest.json")):
+            from hmst.cli.engine_cli import run_engine
+
+            run_engine(args, prompts)  # a saved system: the full engine
+            return 0
+        if args.policy or args.force:
+            raise ValueError("--policy/--force need a system directory (manifest.json)")
         model, tokenizer, _ = load_pretrained(args.checkpoint, device=args.device)
         if args.quantize == "int8":
             model = quantize_int8(model, inplace=True)

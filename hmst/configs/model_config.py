@@ -133,13 +133,56 @@ class MemoryConfig:
 
 @dataclass
 class ControllerConfig:
-    """Meta-controller (issue #5)."""
+    """Meta-controller and its state-summary encoder (`hmst.models.meta_controller`,
+    issue #5)."""
 
     d_model: int = 128
+    """Transformer width."""
     n_layers: int = 2
+    """Pre-LN transformer encoder layers."""
     n_heads: int = 4
+    """Attention heads."""
     d_ff: int = 256
+    """Feed-forward hidden width."""
+    n_experts: int = 8
+    """Experts of the LM that `expert_weights` ranges over."""
     state_dim: int = 64
+    """Width of the state summary produced by `StateSummaryEncoder`."""
+    query_dim: int = 256
+    """Width of the query embedding (the LM's hidden size)."""
+    num_features: int = 16
+    """Per-query scalar features fed to `StateSummaryEncoder`."""
+    dropout: float = 0.0
+    """Dropout in the transformer layers (PPO training requires 0)."""
+
+    def __post_init__(self):
+        for name in (
+            "d_model", "n_layers", "n_heads", "d_ff", "n_experts", "state_dim",
+            "query_dim", "num_features",
+        ):  # fmt: skip
+            if getattr(self, name) <= 0:
+                raise ValueError(
+                    f"controller {name} must be positive, got {getattr(self, name)}"
+                )
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"controller d_model {self.d_model} not divisible by "
+                f"n_heads {self.n_heads}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"controller dropout must be in [0, 1), got {self.dropout}"
+            )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ControllerConfig":
+        bad = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if bad:
+            raise ValueError(f"unknown controller config field(s): {sorted(bad)}")
+        return cls(**d)
 
 
 @dataclass

@@ -15,6 +15,9 @@ Retrieval compares keys by cosine similarity, in the SSM's state space:
   alone for a training loop (Stage 2) to learn; it is saved and loaded either way.
 - `retrieve_by_sequence(embeddings (L, Dm))` compresses the query with the same SSM,
   so it needs no projection.
+- Without an SSM (`EpisodicMemory(None, d_model=D)`) the key is the mean embedding
+  itself and queries are compared as they are (`projection="identity"`): what the
+  inference engine uses with its retriever's sentence embeddings.
 
 Both return `EpisodicHit`s with the stored tokens, metadata and the cosine score, and
 count the access (the consolidator's importance uses it).
@@ -79,15 +82,28 @@ class EpisodicMemory:
     return_state=True) -> (y, state (B, N))`, attributes `d_model`, `d_state`.
     """
 
-    def __init__(self, ssm, max_entries: int = 128, projection: str = "ridge"):
+    def __init__(
+        self,
+        ssm=None,
+        max_entries: int = 128,
+        projection: str = "ridge",
+        d_model: int | None = None,
+    ):
         if max_entries <= 0:
             raise ValueError(f"max_entries must be positive, got {max_entries}")
-        if projection not in ("ridge", "learned"):
+        if ssm is None:  # key = mean embedding; queries compared as they are
+            if d_model is None:
+                raise ValueError("EpisodicMemory without an ssm needs d_model")
+            projection = "identity"
+        elif projection not in ("ridge", "learned"):
             raise ValueError(
                 f"projection must be 'ridge' or 'learned', not {projection!r}"
             )
         self.ssm = ssm
-        self.d_model, self.d_state = int(ssm.d_model), int(ssm.d_state)
+        if ssm is None:
+            self.d_model = self.d_state = int(d_model)
+        else:
+            self.d_model, self.d_state = int(ssm.d_model), int(ssm.d_state)
         self.max_entries = max_entries
         self.projection = projection
         self.query_proj = nn.Linear(self.d_model, self.d_state, bias=False)
@@ -109,6 +125,8 @@ class EpisodicMemory:
 
     @torch.no_grad()
     def _encode(self, emb_LD: torch.Tensor) -> torch.Tensor:
+        if self.ssm is None:
+            return emb_LD.detach().float().mean(0).cpu()
         p = next(self.ssm.parameters(), None)
         x = emb_LD.to(p.dtype if p is not None else torch.float32)
         if p is not None:
@@ -189,8 +207,11 @@ class EpisodicMemory:
                 return []
             if self.projection == "ridge" and self._proj_stale:
                 self._fit_projection()
-            with torch.no_grad():
-                q_N = self.query_proj(q[None])[0]
+            if self.projection == "identity":
+                q_N = q
+            else:
+                with torch.no_grad():
+                    q_N = self.query_proj(q[None])[0]
             return self._nearest(q_N, top_k)
 
     def retrieve_by_sequence(self, embeddings, top_k: int = 5) -> list[EpisodicHit]:
@@ -263,14 +284,19 @@ class EpisodicMemory:
             json.dump(meta, f)
 
     @classmethod
-    def load(cls, path: str, ssm) -> "EpisodicMemory":
+    def load(cls, path: str, ssm=None) -> "EpisodicMemory":
         path = path.rstrip("/")
         if not os.path.isfile(os.path.join(path, ENTRIES_FILE)) and os.path.isfile(
             os.path.join(path + ".old", ENTRIES_FILE)
         ):
             path += ".old"  # a save interrupted between its two renames
         meta = _read_entries(os.path.join(path, ENTRIES_FILE))
-        if (meta["d_model"], meta["d_state"]) != (ssm.d_model, ssm.d_state):
+        if ssm is None and meta["projection"] != "identity":
+            raise ValueError(f"{path} was saved with an ssm: pass one to load it")
+        if ssm is not None and (meta["d_model"], meta["d_state"]) != (
+            ssm.d_model,
+            ssm.d_state,
+        ):
             raise ValueError(
                 f"{path} was saved with d_model={meta['d_model']}, "
                 f"d_state={meta['d_state']}; the ssm has {ssm.d_model}, {ssm.d_state}"
@@ -280,7 +306,7 @@ class EpisodicMemory:
             t = load_file(tpath)
         except (SafetensorError, OSError) as e:
             raise CorruptFileError(f"{tpath}: truncated or unreadable ({e})") from e
-        self = cls(ssm, meta["max_entries"], meta["projection"])
+        self = cls(ssm, meta["max_entries"], meta["projection"], meta["d_model"])
         with torch.no_grad():
             self.query_proj.weight.copy_(t["query_proj"])
         rows = meta["entries"]

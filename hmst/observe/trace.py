@@ -201,6 +201,7 @@ class TraceRecorder(Observer):
                 "finish_reasons": info.get("finish_reasons", []),
                 "elapsed_s": float(info.get("elapsed_s", 0.0)),
                 "failed_observers": info.get("failed_observers", []),
+                **({"engine": info["engine"]} if "engine" in info else {}),
             }
         )
         self.location = self.sink.write(lines)

@@ -1,0 +1,171 @@
+"""Sentence embeddings for memory keys and queries, read off the base model.
+
+    features(text) = [mean of the token embeddings ; mean of the final hidden states]
+    key(text)      = normalize(W_doc   @ features)   (what memories are stored under)
+    query(text)    = normalize(W_query @ features)   (what a question searches with)
+
+The base model is frozen; only the two projections (2D -> dim each) are trained, with
+InfoNCE over (question, statement) pairs and in-batch negatives (`train_retriever`).
+Keys and queries get separate projections because a question and the sentence that
+answers it do not look alike ("Where was X born?" vs "X was born in Oslo."). Cosine
+similarity of unit vectors = inner product, so the FAISS index is an inner-product
+one and scores are comparable across queries: `min_score` (fitted by
+`fit_min_score`) separates a relevant hit from the best of the irrelevant ones.
+
+Legend: B batch, T tokens, D d_model, F = 2D features, K dim.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from hmst.checkpoint import write_dir_atomic
+
+WEIGHTS_FILE = "retriever.safetensors"
+CONFIG_FILE = "retriever.json"
+
+
+@dataclass
+class RetrieverConfig:
+    d_model: int
+    dim: int = 256
+    min_score: float = 0.5
+    """Hits scoring below this are not valid (fitted by `fit_min_score`)."""
+    temperature: float = 0.05
+
+
+class Retriever(nn.Module):
+    def __init__(self, config: RetrieverConfig):
+        super().__init__()
+        self.config = config
+        f = 2 * config.d_model
+        self.query_proj = nn.Linear(f, config.dim, bias=False)
+        self.doc_proj = nn.Linear(f, config.dim, bias=False)
+        with torch.no_grad():  # start as a random projection of the same features
+            self.doc_proj.weight.copy_(self.query_proj.weight)
+
+    @property
+    def dim(self) -> int:
+        return self.config.dim
+
+    @torch.no_grad()
+    def features(self, model, tokenizer, texts: list[str], batch_size: int = 64):
+        """(N, 2D) frozen features of `texts` (right-padded batches; the model is
+        causal, so padding after a text never changes it)."""
+        device = model.embed.weight.device
+        out = []
+        for i in range(0, len(texts), batch_size):
+            chunk = [tokenizer.encode(t) or [0] for t in texts[i : i + batch_size]]
+            max_len = model.config.max_seq_len
+            chunk = [ids[-max_len:] for ids in chunk]
+            T = max(len(c) for c in chunk)
+            ids = torch.zeros(len(chunk), T, dtype=torch.long, device=device)
+            valid = torch.zeros(len(chunk), T, 1, device=device)
+            for j, c in enumerate(chunk):
+                ids[j, : len(c)] = torch.tensor(c, device=device)
+                valid[j, : len(c)] = 1
+            hidden = model(ids, return_hidden=True)["hidden_states"]
+            emb = model.embed(ids)
+            n = valid.sum(1)
+            out.append(
+                torch.cat([(emb * valid).sum(1) / n, (hidden * valid).sum(1) / n], 1)
+            )
+        return torch.cat(out).float().cpu()
+
+    def embed_features(self, feats_NF: torch.Tensor, kind: str) -> torch.Tensor:
+        proj = {"query": self.query_proj, "doc": self.doc_proj}[kind]
+        return F.normalize(proj(feats_NF), dim=-1)
+
+    @torch.no_grad()
+    def encode(self, model, tokenizer, texts: list[str], kind: str = "query"):
+        """(N, dim) unit vectors, float32 on the CPU."""
+        return self.embed_features(self.features(model, tokenizer, texts), kind)
+
+
+def train_retriever(
+    retriever: Retriever,
+    q_feats: torch.Tensor,
+    d_feats: torch.Tensor,
+    steps: int = 600,
+    batch_size: int = 256,
+    lr: float = 3e-3,
+    seed: int = 0,
+    negatives: str = "all",
+) -> list[float]:
+    """InfoNCE: question i should score its own statement (row i of `d_feats`) above
+    the others. `negatives="all"`: every training statement is a candidate in every
+    step (what a search over the whole store asks for; measured on the QA world's
+    924-statement semantic memory: top-1 99.7% vs 97.5% with in-batch negatives);
+    `"batch"`: only the batch's statements. Returns the loss per step."""
+    if negatives not in ("all", "batch"):
+        raise ValueError(f"negatives must be all or batch, not {negatives!r}")
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(retriever.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, len(q_feats), (batch_size,), generator=g)
+        q = retriever.embed_features(q_feats[idx], "query")
+        if negatives == "all":
+            d, labels = retriever.embed_features(d_feats, "doc"), idx
+        else:
+            d = retriever.embed_features(d_feats[idx], "doc")
+            labels = torch.arange(batch_size)
+        loss = F.cross_entropy(q @ d.T / retriever.config.temperature, labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def fit_min_score(
+    pos_scores: torch.Tensor, neg_scores: torch.Tensor, min_recall: float = 0.98
+) -> float:
+    """The valid-hit threshold from relevant hits (`pos_scores`: each question's own
+    statement) and the best irrelevant hit of questions whose answer is not stored
+    (`neg_scores`): the cut with the best accuracy among those keeping at least
+    `min_recall` of the relevant hits (a missed fact costs an answer; an irrelevant
+    line in the context costs little: the LM is trained to read past it)."""
+    s = torch.cat([pos_scores, neg_scores]).sort().values
+    cuts = torch.cat([s[:1] - 1e-3, (s[1:] + s[:-1]) / 2, s[-1:] + 1e-3])
+    recall = torch.stack([(pos_scores >= c).float().mean() for c in cuts])
+    acc = torch.stack(
+        [((pos_scores >= c).sum() + (neg_scores < c).sum()).float() for c in cuts]
+    )
+    acc = torch.where(recall >= min_recall, acc, torch.full_like(acc, -1.0))
+    return float(cuts[int(acc.argmax())])
+
+
+def save_retriever(path: str, retriever: Retriever, extra: dict | None = None):
+    def write(tmp):
+        save_file(
+            {k: v.contiguous() for k, v in retriever.state_dict().items()},
+            os.path.join(tmp, WEIGHTS_FILE),
+        )
+        with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
+            json.dump({"config": asdict(retriever.config), "extra": extra or {}}, f)
+
+    write_dir_atomic(path, write)
+
+
+def load_retriever(path: str) -> Retriever:
+    cfg_path, w_path = os.path.join(path, CONFIG_FILE), os.path.join(path, WEIGHTS_FILE)
+    if not os.path.isfile(cfg_path) or not os.path.isfile(w_path):
+        raise FileNotFoundError(f"no retriever at {path} (need {CONFIG_FILE})")
+    try:
+        with open(cfg_path) as f:
+            cfg = RetrieverConfig(**json.load(f)["config"])
+        state = load_file(w_path)
+    except (json.JSONDecodeError, KeyError, TypeError, SafetensorError, OSError) as e:
+        raise ValueError(f"corrupt retriever at {path}: {e}") from e
+    r = Retriever(cfg)
+    r.load_state_dict(state)
+    return r

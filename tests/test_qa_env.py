@@ -1,0 +1,159 @@
+"""The fact-QA world, the retriever's parts, the controller's reward, the SFT batch."""
+
+import pytest
+import torch
+
+from hmst.inference.env import ALL_ACTIONS, OutcomeTable, QAEnv, config_index
+from hmst.memory.retriever import (
+    Retriever,
+    RetrieverConfig,
+    fit_min_score,
+    train_retriever,
+)
+from hmst.qa import (
+    CATEGORIES,
+    GROUPS,
+    exact_match,
+    format_prompt,
+    make_world,
+    reading_facts,
+    training_corpus,
+)
+from hmst.training.qa_sft import collate
+
+
+def test_world_groups_are_disjoint_by_person_and_stable():
+    w = make_world(200, seed=0)
+    people = {g: {f.subject for f in w[g]} for g in GROUPS}
+    for a in GROUPS:
+        for b in GROUPS:
+            if a < b:
+                assert not people[a] & people[b], (a, b)
+    assert all(w[g] for g in GROUPS)
+    assert [f.statement for f in make_world(200, 0)["semantic"]] == [
+        f.statement for f in w["semantic"]
+    ]
+    for g in ("semantic", "unanswerable"):
+        train, test = w.part(g, "train"), w.part(g, "test")
+        assert not {f.subject for f in train} & {f.subject for f in test}
+        assert len(train) + len(test) == len(w[g])
+
+
+def test_training_text_never_holds_held_out_facts():
+    w = make_world(200, seed=0)
+    text = "\n".join(training_corpus(w, known_repeats=2, num_reading=600))
+    for g in ("semantic", "episodic", "unanswerable"):
+        assert not any(f.subject in text for f in w[g]), g
+    assert all(f.question in text for f in w["known"])
+    fresh = reading_facts(w, 600)
+    world_people = {f.subject for g in GROUPS for f in w[g]}
+    assert not {f.subject for f in fresh[len(w["reading"]) :]} & world_people
+
+
+def test_prompt_format_and_exact_match():
+    p = format_prompt("Where was X born?", ["X was born in Oslo.", " "])
+    assert p == "Context: X was born in Oslo.\nQuestion: Where was X born?\nAnswer:"
+    with pytest.raises(ValueError, match="empty question"):
+        format_prompt("  ")
+    assert exact_match(" navy  blue. ", "Navy blue")
+    assert not exact_match("blue", "navy blue")
+
+
+def test_fit_min_score_keeps_the_required_recall():
+    pos = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.3])
+    neg = torch.tensor([0.1, 0.2, 0.45, 0.5, 0.65])
+    # may drop one positive: cut 0.55 is right on 4 + 4 of 10 (0.25 only on 5 + 2)
+    assert fit_min_score(pos, neg, min_recall=0.8) == pytest.approx(0.55)
+    # must keep all: the best cut under 0.3 is 0.25 (5 + 2 right)
+    assert fit_min_score(pos, neg, min_recall=1.0) == pytest.approx(0.25)
+
+
+def test_retriever_learns_to_pair_questions_with_their_statements():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(64, 16, generator=g)
+    q = torch.cat([base, torch.randn(64, 16, generator=g)], 1)  # 2D = 32 features
+    d = torch.cat([torch.randn(64, 16, generator=g), base], 1)  # shared part swapped
+    r = Retriever(RetrieverConfig(d_model=16, dim=8, temperature=0.1))
+
+    def top1():
+        with torch.no_grad():
+            s = r.embed_features(q, "query") @ r.embed_features(d, "doc").T
+        return float((s.argmax(1) == torch.arange(64)).float().mean())
+
+    before = top1()
+    losses = train_retriever(r, q, d, steps=200, batch_size=32, lr=1e-2)
+    assert losses[-1] < losses[0] and top1() > max(0.9, before + 0.5)
+    with pytest.raises(ValueError, match="negatives"):
+        train_retriever(r, q, d, steps=1, negatives="some")
+
+
+def _table():
+    """Two questions: a known one (row 0) and an unanswerable one (row 1)."""
+    n = 2
+    z = torch.zeros(n, 8)
+    correct = torch.zeros(n, 8, dtype=torch.bool)
+    correct[0] = True
+    critic = torch.full((n, 8), 0.1)
+    critic[0, 0] = 0.9
+    return OutcomeTable(
+        qfeat=torch.zeros(n, 4),
+        features=torch.zeros(n, 3),
+        expert_target=torch.full((n, 2), 0.5),
+        category=torch.tensor(
+            [CATEGORIES.index("known"), CATEGORIES.index("unanswerable")]
+        ),
+        correct=correct,
+        empty=torch.zeros(n, 8, dtype=torch.bool),
+        critic=critic,
+        first_p=torch.full((n, 8), 0.8),
+        latency=torch.ones(n, 8) + z,
+        critic_latency=torch.full((n, 8), 0.5),
+        flops=torch.full((n, 8), 10.0),
+        critic_flops=torch.full((n, 8), 5.0),
+        blocks=torch.full((n, 8), 4.0),
+    )
+
+
+def test_reward_terms_by_hand():
+    t = _table()
+    assert t.reference() == (1.5, 15.0)  # do-everything: latency 1 + 0.5, flops 10 + 5
+    rows = torch.tensor([0, 1])
+    plain = torch.zeros(2, 4)  # no memory, no critic
+    o = t.outcome(rows, plain)
+    # row 0 answered right: acc 1, calib 1-(0.8-1)^2; row 1 answered (wrong): acc -1
+    assert o["accuracy"].tolist() == [1.0, -1.0]
+    assert torch.allclose(o["latency"], torch.tensor([1 / 1.5] * 2))
+    assert torch.allclose(o["compute"], torch.tensor([10 / 15] * 2))
+    assert torch.allclose(o["calibration"], torch.tensor([1 - 0.04, 1 - 0.64]))
+    want = 1.0 * o["accuracy"] - 0.3 * o["latency"] - 0.2 * o["compute"]
+    assert torch.allclose(o["reward"], want + 0.5 * o["calibration"])
+    verify = torch.tensor([[0.0, 0, 0, 1]] * 2)
+    o = t.outcome(rows, verify)
+    # critic 0.9 accepts row 0; 0.1 < 0.5 makes row 1 abstain: the right output
+    assert o["abstain"].tolist() == [0.0, 1.0] and o["accuracy"].tolist() == [1.0, 1.0]
+    assert torch.allclose(o["latency"], torch.tensor([1.0, 1.0]))
+    assert torch.allclose(o["calibration"], torch.tensor([1 - 0.01, 1 - 0.01]))
+    assert t.all_outcomes().shape == (2, 16)
+
+
+def test_config_index_and_env_protocol():
+    assert config_index(ALL_ACTIONS).tolist() == [
+        (int(a[1]) + 2 * int(a[2])) * 2 + int(a[0]) for a in ALL_ACTIONS
+    ]
+    pytest.importorskip("hmst.models.meta_controller")
+    env = QAEnv(_table(), episode_len=3)
+    obs = env.reset(5, seed=0)
+    assert obs.query_emb.shape == (5, 4) and obs.features.shape == (5, 3)
+    for t in range(3):
+        obs, r, done, info = env.step(torch.zeros(5, 4))
+        assert r.shape == (5,) and set(info) == {
+            "accuracy", "latency", "compute", "calibration",
+        }  # fmt: skip
+        assert bool(done.all()) == (t == 2)
+
+
+def test_sft_batch_trains_only_the_answer():
+    ids, tgt = collate([([5, 6, 7], [8, 9]), ([5], [3])], "cpu")
+    assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 3, 0, 0, 0]]
+    # position t predicts token t + 1: only the answer tokens are targets
+    assert tgt.tolist() == [[-100, -100, 8, 9, -100], [3, -100, -100, -100, -100]]
