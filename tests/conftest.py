@@ -12,6 +12,7 @@ sys.path.insert(0, ROOT)
 torch.set_num_threads(1)
 
 from hmst.configs.model_config import ModelConfig  # noqa: E402
+from hmst.observe.hooks import Observer  # noqa: E402
 from hmst.tokenizer import HMSTTokenizer  # noqa: E402
 
 # Tiny model flags for train.py subprocess tests (seconds per run).
@@ -65,3 +66,18 @@ def tokenizer(corpus_text):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+class Recorder(Observer):
+    """Records every event as (name, args)."""
+
+    def __init__(self):
+        self.events = []
+
+    def __getattribute__(self, name):
+        if name.startswith("on_"):
+            return lambda *a: self.events.append((name[3:], a))
+        return object.__getattribute__(self, name)
+
+    def count(self, kind):
+        return sum(1 for k, _ in self.events if k == kind)

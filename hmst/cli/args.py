@@ -1,0 +1,31 @@
+"""Shared pieces of the command lines: one-line errors with exit code 2, FIELD=VALUE."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def fail(prog: str, msg: str) -> None:
+    """`<prog>: error: <msg>` on stderr, exit 2."""
+    print(f"{prog}: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (no usage dump), exit 2."""
+
+    def error(self, message):
+        fail(self.prog, message)
+
+
+def field_value(text: str) -> tuple[str, object]:
+    """`FIELD=VALUE` -> (field, JSON value, or the raw string if it is not JSON)."""
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    try:
+        return k, json.loads(v)
+    except json.JSONDecodeError:
+        return k, v
