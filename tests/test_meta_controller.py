@@ -20,7 +20,7 @@ from hmst.models.meta_controller import (
 def tiny_cfg(**kw) -> ControllerConfig:
     base = dict(
         d_model=32, n_layers=2, n_heads=4, d_ff=64, n_experts=4, state_dim=16,
-        query_dim=12, num_features=5,
+        query_dim=12, num_features=5, use_query=True,
     )  # fmt: skip
     base.update(kw)
     return ControllerConfig(**base)
@@ -223,3 +223,15 @@ def test_load_errors(tmp_path):
         json.dump({"critic": {}}, f)
     with pytest.raises(ValueError, match="bad controller config"):
         load_controller(path)
+
+
+def test_without_query_tokens_the_query_does_not_matter():
+    cfg = tiny_cfg(use_query=False)
+    enc, ctl = build_controller(cfg)
+    q, feats = inputs(cfg)
+    state = enc(feats)
+    a, b = ctl(q, state), ctl(q * 100 + 3, state)
+    for k in DECISIONS + ("value", "uncertainty"):
+        torch.testing.assert_close(a[k], b[k])
+    with pytest.raises(ValueError, match="query_dim"):
+        ctl(torch.zeros(3, 7), state)  # still checked

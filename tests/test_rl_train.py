@@ -77,7 +77,7 @@ def tiny_controller_cfg(env) -> ControllerConfig:
     return ControllerConfig(
         d_model=32, n_layers=1, n_heads=4, d_ff=64, state_dim=16,
         n_experts=env.n_experts, query_dim=env.query_dim,
-        num_features=env.num_features,
+        num_features=env.num_features, use_query=True,  # the expert target needs it
     )  # fmt: skip
 
 

@@ -154,6 +154,13 @@ class ControllerConfig:
     """Per-query scalar features fed to `StateSummaryEncoder`."""
     dropout: float = 0.0
     """Dropout in the transformer layers (PPO training requires 0)."""
+    use_query: bool = False
+    """Feed the query embedding as tokens next to the state summary. Off by default:
+    on the fact-QA environment (600 training questions) PPO with the query tokens
+    memorised per-question outcomes (deterministic reward 1.085 on the training
+    questions, 0.591 on held-out ones), while the state features alone (computed from
+    the query by the LM: its confidence, the episodic probe) generalise (1.017 /
+    0.981). Turn it on when the environment has enough distinct queries."""
 
     def __post_init__(self):
         for name in (

@@ -12,7 +12,8 @@ Per query (`engine.answer(query)`):
     3. retrieve  episodic (the recent-interaction buffer) and/or semantic (FAISS)
                  memory, as decided; hits scoring under the retriever's `min_score`
                  are reported but not used (requested vs valid hits)
-    4. generate  the prompt with the valid hits as context lines, greedy by default,
+    4. generate  the prompt with the best `context_k` valid hits of both memories as
+                 context lines, greedy by default,
                  with the KV cache; `early_exit` decodes with the exit heads (tokens
                  leave after an intermediate block when confident); `expert_weights`
                  bias routing when `config.expert_bias_strength` > 0
@@ -89,6 +90,9 @@ COMPONENTS = (
 class EngineConfig:
     top_k: int = 3
     """Hits requested from each memory."""
+    context_k: int = 3
+    """Valid hits (of both memories together, best score first) put in the prompt:
+    reading both memories then adds no more context lines than reading one."""
     critic_threshold: float = 0.5
     """Abstain when verification is on and the critic scores the answer below this."""
     max_new_tokens: int = 16
@@ -509,9 +513,9 @@ class HMSTInferenceEngine:
                 t0 = time.perf_counter()
                 hits += self._retrieve(src, probe["q_vec"], emitter)
                 clock(f"{src}_memory", t0)
-        evidence = list(
-            dict.fromkeys(h.text for h in hits if h.valid)
-        )  # dedup, in order
+        # context: the best `context_k` valid hits of both memories, best first
+        ranked = sorted((h for h in hits if h.valid), key=lambda h: -h.score)
+        evidence = list(dict.fromkeys(h.text for h in ranked))[: self.config.context_k]
         ids = self._prompt(query, evidence) if evidence else probe["ids"]
         bias = self._expert_bias(expert_w)
         t0 = time.perf_counter()

@@ -131,10 +131,14 @@ class MetaController(nn.Module):
         state_dim: int,
         query_dim: int | None = None,
         dropout: float = 0.0,
+        use_query: bool = True,
     ):
         super().__init__()
         self.config: ControllerConfig | None = None  # set by from_config
         self.query_dim = query_dim or d_model
+        self.use_query = use_query
+        """False: the query tokens are left out (the state token alone is encoded);
+        `query_emb` is still checked, so callers need not change."""
         self.state_dim, self.n_experts = state_dim, n_experts
         self.state_proj = nn.Linear(state_dim, d_model)
         self.query_proj = nn.Linear(self.query_dim, d_model)
@@ -164,7 +168,7 @@ class MetaController(nn.Module):
         """The controller of `cfg`, with `.config` set (what save_controller writes)."""
         m = cls(
             cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.d_ff, cfg.n_experts,
-            cfg.state_dim, cfg.query_dim, cfg.dropout,
+            cfg.state_dim, cfg.query_dim, cfg.dropout, cfg.use_query,
         )  # fmt: skip
         m.config = cfg
         return m
@@ -189,11 +193,11 @@ class MetaController(nn.Module):
                 f"state_summary shape {tuple(state_summary.shape)} != "
                 f"({B}, {self.state_dim})"
             )
-        x_BLD = torch.cat(
-            [self.state_proj(state_summary)[:, None], self.query_proj(query_emb)], 1
-        )  # (B, 1 + L, D)
+        x_BLD = self.state_proj(state_summary)[:, None]
+        if self.use_query:
+            x_BLD = torch.cat([x_BLD, self.query_proj(query_emb)], 1)  # (B, 1 + L, D)
         pad_BL = None
-        if query_mask is not None:
+        if query_mask is not None and self.use_query:
             if query_mask.shape != (B, L):
                 raise ValueError(
                     f"query_mask shape {tuple(query_mask.shape)} != ({B}, {L})"
