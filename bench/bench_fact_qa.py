@@ -32,6 +32,34 @@ def em(table, rows, ee=0, epi=0, sem=0) -> float:
     return float(table.correct[rows, c].float().mean())
 
 
+def controller_outcomes(system, t, rows) -> dict | None:
+    """Right / abstained / wrong outputs per category when the system's PPO controller
+    makes every decision (what `engine.answer` does by default)."""
+    import os
+
+    from hmst.models.meta_controller import DECISIONS, load_controller
+
+    path = os.path.join(system, "controller")
+    if not os.path.isdir(path):
+        return None
+    enc, ctl, _, _ = load_controller(path)
+    with torch.no_grad():
+        out = ctl(t.qfeat, enc(t.features))
+    acts = torch.stack([(out[k] > 0.5).float() for k in DECISIONS], 1)
+    o = t.outcome(torch.arange(len(t)), acts)
+    print("\nwith the PPO controller deciding (right = the correct answer, or an "
+          "abstention on an unanswerable question):")  # fmt: skip
+    print(f"{'category':<14}{'right':>8}{'abstained':>11}{'wrong':>8}")
+    res = {}
+    for c in CATEGORIES:
+        r = rows[c]
+        right, abst = float(o["right"][r].mean()), float(o["abstain"][r].mean())
+        wrong = float((o["accuracy"][r] < 0).float().mean())
+        res[c] = dict(right=right, abstained=abst, wrong=wrong)
+        print(f"{c:<14}{100 * right:>7.1f}%{100 * abst:>10.1f}%{100 * wrong:>7.1f}%")
+    return res
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--system", default="checkpoints/qa/system")
@@ -81,6 +109,7 @@ def main():
         print(f"{c:<14}{100 * wrong0:>17.1f}%{100 * wrong1:>14.1f}%"
               f"{100 * gate[c]['abstained']:>10.1f}%"
               f"{100 * right1:>14.1f}%")  # fmt: skip
+    ctl = controller_outcomes(args.system, t, rows)
     sem = res["semantic"]
     checks = {
         "semantic EM with semantic memory >= 90%": sem["semantic"] >= 0.9,
@@ -97,7 +126,8 @@ def main():
     print()
     for k, ok in checks.items():
         print(f"  [{'met' if ok else 'NOT met'}] {k}")
-    print("\nRESULT " + json.dumps(dict(em=res, critic_gate=gate, checks=checks)))
+    print("\nRESULT " + json.dumps(dict(em=res, critic_gate=gate, controller=ctl,
+                                        checks=checks)))  # fmt: skip
 
 
 if __name__ == "__main__":

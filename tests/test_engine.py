@@ -244,6 +244,11 @@ def test_rl_train_builds_the_env_trains_and_registers_the_controller(tiny_system
     assert len(history) == 2 and all(math.isfinite(h["mean_reward"]) for h in history)
     assert os.path.isfile(os.path.join(path, "rl_table_train.safetensors"))
     assert "controller" in read_manifest(path)["components"]  # hashed like the rest
+    rl_train.main(  # retraining replaces the controller and its manifest entry
+        ["--checkpoint", path, "--episodes", "32", "--episodes-per-rollout", "32",
+         "--per-category", "3", "--num-threads", "1", "--seed", "1"]
+    )  # fmt: skip
+    assert "controller" in read_manifest(path)["components"]
     eng = HMSTInferenceEngine.from_pretrained(path)  # the controller policy
     r = eng.answer("Where does Bolaro Keitu live?")
     assert r.decision_source == "controller"

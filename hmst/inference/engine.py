@@ -69,6 +69,7 @@ FEATURES = (
     "query_len",  # prompt tokens / context length
     "episodic_fill",  # entries / capacity of the recent-interaction buffer
     "episodic_best",  # best cosine of the query against the buffer (an in-RAM probe)
+    "semantic_best",  # score of the top semantic hit (a k=1 index probe, ~0.1-0.5 ms)
     "semantic_size",  # log10(1 + entries) / 7
     "router_entropy",  # mean router entropy over the prompt, / ln E
 )
@@ -93,6 +94,8 @@ class EngineConfig:
     context_k: int = 3
     """Valid hits (of both memories together, best score first) put in the prompt:
     reading both memories then adds no more context lines than reading one."""
+    context_margin: float = 0.1
+    """...and only hits scoring within this of the best one."""
     critic_threshold: float = 0.5
     """Abstain when verification is on and the critic scores the answer below this."""
     max_new_tokens: int = 16
@@ -302,6 +305,10 @@ class HMSTInferenceEngine:
             keys = torch.stack([e.key_N for e in ep.entries()])
             best = float(F.cosine_similarity(keys, q_vec[None], dim=1).max())
         feats["episodic_best"] = best
+        feats["semantic_best"] = 0.0
+        if self.semantic is not None and len(self.semantic) and q_vec is not None:
+            res = self.semantic.search(q_vec.numpy()[None], 1)[0]
+            feats["semantic_best"] = float(res.scores[0]) if len(res.scores) else 0.0
         feats["semantic_size"] = (
             math.log10(1 + len(self.semantic)) / 7 if self.semantic is not None else 0.0
         )
@@ -513,8 +520,12 @@ class HMSTInferenceEngine:
                 t0 = time.perf_counter()
                 hits += self._retrieve(src, probe["q_vec"], emitter)
                 clock(f"{src}_memory", t0)
-        # context: the best `context_k` valid hits of both memories, best first
+        # context: the best `context_k` valid hits of both memories, best first, and
+        # only those within `context_margin` of the best (a near-namesake's fact is a
+        # distractor the reader can fall for)
         ranked = sorted((h for h in hits if h.valid), key=lambda h: -h.score)
+        floor = ranked[0].score - self.config.context_margin if ranked else 0.0
+        ranked = [h for h in ranked if h.score >= floor]
         evidence = list(dict.fromkeys(h.text for h in ranked))[: self.config.context_k]
         ids = self._prompt(query, evidence) if evidence else probe["ids"]
         bias = self._expert_bias(expert_w)
@@ -765,7 +776,7 @@ def add_component(path: str, name: str) -> None:
     (temp file + rename)."""
     if name not in COMPONENTS:
         raise ValueError(f"unknown component {name!r}; known: {COMPONENTS}")
-    doc = read_manifest(path)
+    doc = read_manifest(path, verify=False)  # `name` itself has just changed
     doc["components"][name] = {
         "path": name,
         "files": _hash_dir(os.path.join(path, name)),
