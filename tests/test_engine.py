@@ -82,8 +82,11 @@ def test_every_decision_path(engine, bits):
         assert r.abstained == (r.critic["score"] < 0.5)
         assert r.answer == (engine.config.abstain_text if r.abstained else r.raw_answer)
     valid = [h for h in r.hits if h.valid]
+    used = [h for h in r.hits if h.used]
+    assert all(h.valid for h in used) and bool(used) == bool(valid)
+    assert len({h.text for h in used}) <= engine.config.context_k
     bare = len(engine._prompt("Where does Bolaro Keitu live?", []))
-    assert (r.prompt_tokens > bare) == bool(valid)
+    assert (r.prompt_tokens > bare) == bool(used)
 
 
 def test_hits_below_min_score_are_reported_but_not_used(tokenizer):
@@ -275,7 +278,7 @@ def test_inference_cli_over_a_system(tiny_system, tmp_path):
     r = _cli(tiny_system, "--prompt", "Who is a baker?", "--policy", "fixed",
              "--force", "semantic=1", "--force", "verification=0")  # fmt: skip
     assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() and "semantic" in r.stderr and "valid hits" in r.stderr
+    assert r.stdout.strip() and "semantic" in r.stderr and "hits used" in r.stderr
     r = _cli(tiny_system, "--prompt", "x", "--policy", "fixed", "--force", "teleport=1")
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--force" in r.stderr
     queries = tmp_path / "q.jsonl"

@@ -53,7 +53,11 @@ def engine_tour(path: str) -> None:
         print(f"A: {r.answer}   (gold: {fact.answer})")
         print(f"   decided: {', '.join(on)} ({r.decision_source}: {probs})")
         for h in r.hits:
-            mark = "used" if h.valid else "below min_score"
+            mark = (
+                "used"
+                if h.used
+                else "valid, not used" if h.valid else "below min_score"
+            )
             print(f"   hit {h.source}#{h.id} score {h.score:.3f} ({mark}): {h.text}")
         if r.critic:
             c = r.critic

@@ -33,12 +33,12 @@ def parse_force(items: list[str]) -> dict:
 
 def describe(r) -> str:
     on = [k for k, v in r.decisions.items() if v] or ["nothing"]
-    hits = sum(h.valid for h in r.hits)
+    hits = sum(h.used for h in r.hits)
     critic = (
         f" | critic {r.critic['score']:.3f} {r.critic['action']}" if r.critic else ""
     )
     return (
-        f"[{r.decision_source}: {', '.join(on)} | {hits}/{len(r.hits)} valid hits"
+        f"[{r.decision_source}: {', '.join(on)} | {hits}/{len(r.hits)} hits used"
         f"{critic} | {r.blocks_per_token:.2f} blocks/token | "
         f"{1e3 * r.latency_s:.0f} ms]"
     )

@@ -137,7 +137,9 @@ class MemoryHit:
     id: int
     score: float
     text: str
-    valid: bool  # score >= the retriever's min_score: used as context
+    valid: bool  # score >= the retriever's min_score
+    used: bool = False  # put in the prompt (valid, within context_margin of the best,
+    # among the best context_k)
 
 
 @dataclass
@@ -527,6 +529,8 @@ class HMSTInferenceEngine:
         floor = ranked[0].score - self.config.context_margin if ranked else 0.0
         ranked = [h for h in ranked if h.score >= floor]
         evidence = list(dict.fromkeys(h.text for h in ranked))[: self.config.context_k]
+        for h in hits:
+            h.used = h.text in evidence
         ids = self._prompt(query, evidence) if evidence else probe["ids"]
         bias = self._expert_bias(expert_w)
         t0 = time.perf_counter()
