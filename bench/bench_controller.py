@@ -111,7 +111,9 @@ def main():
             f"python -m hmst.training.rl_train --checkpoint {args.system} --episodes N"
         )
     encoder, controller, _, extra = load_controller(ctl_dir)
-    train, test = load_table(args.system, "train"), load_table(args.system, "test")
+    # the train table PPO used (any size), the 150-per-category test table
+    train = load_table(args.system, "train", per_category=None)
+    test = load_table(args.system, "test")
     rule = tune_threshold_rule(train)
     policies = {
         "never-retrieve": lambda t: fixed([0, 0, 0, 0]).expand(len(t), 4),

@@ -312,18 +312,22 @@ def table_path(checkpoint: str, split: str) -> str:
 def load_table(
     checkpoint: str,
     split: str = "train",
-    per_category: int = 150,
+    per_category: int | None = 150,
     seed: int = 0,
     log=print,
 ):
     """The outcome table of `split` ("train" or "test"), built once with the engine
-    and cached beside the system (rl_table_<split>.safetensors)."""
+    and cached beside the system (rl_table_<split>.safetensors). `per_category` None:
+    whatever table is cached (150 per category if none is)."""
     from hmst.inference.engine import HMSTInferenceEngine
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     path = table_path(checkpoint, split)
     want = dict(split=split, per_category=per_category, seed=seed)
+    if per_category is None:
+        want.pop("per_category")
+        per_category = 150
     if os.path.isfile(path):
         table, meta = OutcomeTable.load(path)
         if all(meta.get(k) == v for k, v in want.items()):
