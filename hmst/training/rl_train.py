@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--split", default="train", help="env split (load_env)")
     p.add_argument(
-        "--per-category", type=int, default=150,
+        "--per-category", type=int, default=400,
         help="questions per category in the outcome table (built once, cached)",
     )  # fmt: skip
     p.add_argument("--num-threads", type=int, default=1)
