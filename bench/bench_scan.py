@@ -24,11 +24,11 @@ import sys
 import time
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hmst.kernels.scan import (  # noqa: E402
+    LargestTensor,
     chunk_plan,
     selective_scan_chunked,
     selective_scan_ref,
@@ -61,19 +61,6 @@ def fwd_bwd(backend, args):
     (y.sum() + h.square().sum()).backward()
     t2 = time.process_time()
     return t1 - t0, t2 - t1, y.detach(), h.detach(), [a.grad for a in args]
-
-
-class LargestTensor(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
 
 
 def proc_status_mb(field):

@@ -297,3 +297,23 @@ def test_inference_cli_over_a_system(tiny_system, tmp_path):
     assert sum(line["type"] == "header" for line in lines) == 2
     r = _cli(tiny_system, "--prompt", "x", "--quantize", "int8", "--policy", "fixed")
     assert r.returncode == 2 and "--quantize" in r.stderr
+
+
+def test_probe_features_are_the_retrievers_features(engine):
+    """The query vector the engine searches with is the retriever's own definition
+    of a text's features (what its projections were trained on)."""
+    qfeat, _, _, probe = engine.state_features("Who is a baker?")
+    text = engine.tokenizer.decode(probe["ids"])
+    ref = engine.retriever.features(engine.model, engine.tokenizer, [text])[0]
+    torch.testing.assert_close(qfeat, ref)
+    r = engine.retriever.embed_features(ref[None], "query")[0]
+    torch.testing.assert_close(probe["q_vec"], r)
+
+
+def test_remembered_sentence_keeps_its_tokens(tokenizer):
+    eng = make_engine(tokenizer)
+    text = "Tamsa Lirou lives in Oslo."
+    i = eng.remember(text)
+    entry = [e for e in eng.episodic.entries() if e.id == i][0]
+    assert entry.tokens == tokenizer.encode(text)
+    torch.testing.assert_close(entry.key_N, eng._embed([text], "doc")[0])

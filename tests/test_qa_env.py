@@ -140,7 +140,6 @@ def test_config_index_and_env_protocol():
     assert config_index(ALL_ACTIONS).tolist() == [
         (int(a[1]) + 2 * int(a[2])) * 2 + int(a[0]) for a in ALL_ACTIONS
     ]
-    pytest.importorskip("hmst.models.meta_controller")
     env = QAEnv(_table(), episode_len=3)
     obs = env.reset(5, seed=0)
     assert obs.query_emb.shape == (5, 4) and obs.features.shape == (5, 3)

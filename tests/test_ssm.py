@@ -5,11 +5,11 @@ import logging
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hmst.configs.model_config import SSMConfig
 from hmst.kernels import scan as scan_mod
 from hmst.kernels.scan import (
+    LargestTensor,
     chunk_plan,
     selective_scan,
     selective_scan_chunked,
@@ -72,30 +72,14 @@ def test_chunk_plan_is_sqrt_and_covers_sequence():
         assert T * T >= L > (T - 1) * (T - 1)
 
 
-class _LargestTensor(TorchDispatchMode):
-    """Records the largest tensor any op produces (out= buffers included, since their
-    allocation is itself an op)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
 def test_chunked_never_allocates_a_full_state_sequence():
     b, L, d, n = 1, 256, 8, 16
     args = scan_inputs(b, L, d, n, h0=True)
-    with _LargestTensor() as mode:
+    with LargestTensor() as mode:
         run_with_grads(selective_scan_chunked, args)
     # The backward's per-group state store is capped at a quarter of the sequence.
     assert mode.largest <= b * L * d * n // 4
-    with _LargestTensor() as mode:  # the detector does see a full-size tensor
+    with LargestTensor() as mode:  # the detector does see a full-size tensor
         torch.exp(args[1].detach().unsqueeze(-1) * args[2].detach())
     assert mode.largest == b * L * d * n
 

@@ -41,7 +41,6 @@ A saved system (`save_pretrained` / `from_pretrained`) is one directory:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -56,11 +55,11 @@ from hmst.checkpoint import load_pretrained, save_model_dir, write_dir_atomic
 from hmst.generation.fast_forward import fast_logits
 from hmst.generation.generate import generate_stream
 from hmst.generation.sampling import SamplingParams
+from hmst.memory.retriever import pool_features
+from hmst.models.meta_controller import DECISIONS
 from hmst.observe.hooks import ObserverRegistry, check_mode
 from hmst.observe.trace import logit_summary
 from hmst.qa import ABSTAIN, format_prompt
-
-from hmst.models.meta_controller import DECISIONS  # noqa: E402  (one source)
 
 FEATURES = (
     "max_prob",  # first answer token: top probability
@@ -69,7 +68,7 @@ FEATURES = (
     "query_len",  # prompt tokens / context length
     "episodic_fill",  # entries / capacity of the recent-interaction buffer
     "episodic_best",  # best cosine of the query against the buffer (an in-RAM probe)
-    "semantic_best",  # score of the top semantic hit (a k=1 index probe, ~0.1-0.5 ms)
+    "semantic_best",  # score of the top semantic hit (one k=1 index search)
     "semantic_size",  # log10(1 + entries) / 7
     "router_entropy",  # mean router entropy over the prompt, / ln E
 )
@@ -228,8 +227,9 @@ class HMSTInferenceEngine:
             raise ValueError("this engine has no episodic memory")
         if not text.strip():
             raise ValueError("empty text")
-        key = self._embed([text], "doc")
-        ids = self.tokenizer.encode(text)[:1] or [0]
+        ids = self.tokenizer.encode(text)
+        # the buffer's key is the mean of the rows given: one sentence vector per token
+        key = self._embed([text], "doc").expand(len(ids), -1)
         return self.episodic.add(ids, key, {"text": text, **(metadata or {})})
 
     def add_knowledge(self, texts: list[str], metadata=None, batch_size: int = 256):
@@ -274,9 +274,7 @@ class HMSTInferenceEngine:
         top2 = probs.topk(2).values
         V, E = probs.numel(), self.model.config.n_experts
         ent = -(probs * probs.clamp_min(1e-12).log()).sum() / math.log(V)
-        hidden = out["hidden_states"][0].float()
-        emb = self.model.embed(x)[0].float()
-        qfeat = torch.cat([emb.mean(0), hidden.mean(0)]).cpu()
+        qfeat = pool_features(self.model.embed(x), out["hidden_states"])[0].cpu()
         r_ent = out.get("router_entropy")
         feats = dict(
             max_prob=float(top2[0]),
@@ -815,10 +813,6 @@ def read_manifest(path: str, verify: bool = True) -> dict:
                     f"{path}/{name}/{rel} is missing or differs from the manifest"
                 )
     return doc
-
-
-def replace_config(config: EngineConfig, **changes) -> EngineConfig:
-    return dataclasses.replace(config, **changes)
 
 
 __all__ = [

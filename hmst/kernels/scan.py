@@ -38,6 +38,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 log = logging.getLogger(__name__)
 
@@ -313,3 +314,20 @@ def selective_scan(u, delta, A, B, C, D=None, h0=None, backend="auto"):
     if backend not in BACKENDS:
         raise ValueError(f"unknown scan backend {backend!r}; choose from {BACKENDS}")
     return BACKENDS[backend](u, delta, A, B, C, D, h0)
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any op produces (out= buffers included, since their
+    allocation is itself an op): how tests and bench_scan check that no scan backend
+    materialises a (B, L, d_inner, d_state) tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out

@@ -42,6 +42,16 @@ class RetrieverConfig:
     temperature: float = 0.05
 
 
+def pool_features(emb_BTD, hidden_BTD, valid_BT1=None) -> torch.Tensor:
+    """(B, 2D) = [mean token embedding ; mean final hidden state] over the valid
+    positions: the features of a text, for the retriever and the engine's probe."""
+    if valid_BT1 is None:
+        valid_BT1 = emb_BTD.new_ones(emb_BTD.shape[0], emb_BTD.shape[1], 1)
+    n = valid_BT1.sum(1)
+    mean = lambda x: (x * valid_BT1).sum(1) / n  # noqa: E731
+    return torch.cat([mean(emb_BTD), mean(hidden_BTD)], 1).float()
+
+
 class Retriever(nn.Module):
     def __init__(self, config: RetrieverConfig):
         super().__init__()
@@ -73,12 +83,8 @@ class Retriever(nn.Module):
                 ids[j, : len(c)] = torch.tensor(c, device=device)
                 valid[j, : len(c)] = 1
             hidden = model(ids, return_hidden=True)["hidden_states"]
-            emb = model.embed(ids)
-            n = valid.sum(1)
-            out.append(
-                torch.cat([(emb * valid).sum(1) / n, (hidden * valid).sum(1) / n], 1)
-            )
-        return torch.cat(out).float().cpu()
+            out.append(pool_features(model.embed(ids), hidden, valid))
+        return torch.cat(out).cpu()
 
     def embed_features(self, feats_NF: torch.Tensor, kind: str) -> torch.Tensor:
         proj = {"query": self.query_proj, "doc": self.doc_proj}[kind]
