@@ -332,6 +332,11 @@ def load_table(
         table, meta = OutcomeTable.load(path)
         if all(meta.get(k) == v for k, v in want.items()):
             return table
+    if not os.path.isfile(os.path.join(checkpoint, "manifest.json")):
+        raise ValueError(
+            f"{checkpoint} is not a saved HMST system (no manifest.json): build one "
+            "with python -m hmst.inference.build"
+        )
     engine = HMSTInferenceEngine.from_pretrained(checkpoint, policy="fixed")
     w = engine.manifest_extra.get("world")
     if not w:
