@@ -10,6 +10,9 @@ medians. The full model runs the same code path (`decode_step` without heads).
 
     python bench/bench_early_exit.py --heads checkpoints/micro/early_exit \\
         [--checkpoint checkpoints/micro/best] [--rounds 5] [--sweep T1 T2 ...]
+
+It also reports the oracle exit (`exit_oracle`): how far any confidence rule could go
+with the same heads.
 """
 
 import argparse
@@ -29,6 +32,7 @@ from hmst.training.early_exit_train import (  # noqa: E402
     CONFIG_FILE,
     TABLE_HEAD,
     evaluate_exit,
+    exit_oracle,
     format_row,
     load_heads,
     prepare_splits,
@@ -112,7 +116,7 @@ def main():
     p.add_argument("--max-prob", type=float, nargs="*", default=[],
                    help="also the max-prob rule at these thresholds")  # fmt: skip
     p.add_argument("--test-windows", type=int, default=None, help="default: all")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=5, help="0: no decode timing")
     p.add_argument("--prompts", type=int, default=3)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=128)
@@ -158,6 +162,25 @@ def main():
             + f"   {r['kv_fills'] / r['tokens']:.3f}")  # fmt: skip
     say("(* = tuned on the tuning slice; exits = tokens exiting after block 0..L-1;"
         " maxprob = exit on the head's max softmax prob instead of c_l)")  # fmt: skip
+
+    say("\n## oracle exit: per token, the block minimising KL(p_L || p_l) - lam * "
+        "blocks saved, knowing the KL (a ceiling for any confidence rule with these "
+        "heads; K/V fill not modelled)")  # fmt: skip
+    say(f"{'lam':>6} {'saved':>7} {'ppl':>9} {'d_ppl':>8}")
+    for o in exit_oracle(model, heads, windows):
+        say(f"{o['lam']:>6.3f} {100 * o['saved_fraction']:>6.1f}% {o['ppl']:>9.3f} "
+            f"{100 * o['d_ppl']:>+7.2f}%")  # fmt: skip
+    if args.rounds == 0:
+        r = rows[tuned]
+        say(f"\nverdict (tuned {tuned:.6f}): {100 * r['saved_fraction']:.1f}% fewer "
+            f"block evaluations (target >= 25%), test ppl {r['ppl']:.3f} vs "
+            f"{base:.3f} ({100 * (r['ppl'] / base - 1):+.2f}%, target <= +1%); "
+            "decode not timed (--rounds 0)")  # fmt: skip
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+        with open(args.out, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"wrote {args.out}")
+        return
 
     texts = [
         torch.from_numpy(

@@ -22,6 +22,8 @@ from hmst.models.early_exit import (
 )
 from hmst.training.early_exit_train import (
     CONFIG_FILE,
+    evaluate_exit,
+    exit_oracle,
     head_losses,
     load_heads,
     save_heads,
@@ -86,6 +88,22 @@ def test_threshold_zero_exits_at_first_exit_layer(layers):
             x = layer(x, cos, sin)[0]
         expect = heads.logits(model, first, x)
     torch.testing.assert_close(out["logits"], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_exit_oracle_ends_match_the_full_model_and_first_head():
+    """lam 0: nothing is worth a KL > 0, every token runs the full model; a huge lam:
+    every token exits at the first head, whose teacher-forced ppl is the one
+    `evaluate_exit` measures at threshold 0 (where the K/V fill, which the oracle
+    ignores, cannot matter: no token runs a block past the first head)."""
+    model, heads = build(layers=(1, 2))
+    windows = [torch.randint(0, 300, (33,)).numpy() for _ in range(3)]
+    lo, hi = exit_oracle(model, heads, windows, lams=(0.0, 1e6))
+    full = evaluate_exit(model, None, windows, None)
+    assert lo["saved_fraction"] == 0.0 and lo["d_ppl"] == pytest.approx(0.0)
+    assert lo["ppl"] == pytest.approx(full["ppl"], rel=1e-5)
+    assert hi["saved_fraction"] == pytest.approx(1 - 2 / L)
+    first = evaluate_exit(model, heads, windows, 0.0)
+    assert hi["ppl"] == pytest.approx(first["ppl"], rel=1e-4)
 
 
 def test_prompt_positions_never_exit():

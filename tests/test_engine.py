@@ -34,7 +34,13 @@ FACTS = [
 def make_engine(tokenizer, min_score=-1.0, exit_threshold=0.0, **cfg):
     torch.manual_seed(0)
     model = BaseMoEModel(config=tiny_config(max_seq_len=160)).eval()
-    retriever = Retriever(RetrieverConfig(d_model=32, dim=16, min_score=min_score))
+    retriever = Retriever(
+        RetrieverConfig(
+            d_model=32, dim=16, min_score=min_score, sif_a=1e-3,
+            vocab_size=tokenizer.vocab_size,
+        )
+    )  # fmt: skip
+    retriever.fit_token_weights(tokenizer.encode(t) for t in FACTS)
     semantic = SemanticMemory(dimension=16, max_entries=100)
     episodic = EpisodicMemory(None, max_entries=8, d_model=16)
     ccfg = CriticConfig(
@@ -299,13 +305,57 @@ def test_inference_cli_over_a_system(tiny_system, tmp_path):
     assert r.returncode == 2 and "--quantize" in r.stderr
 
 
+@pytest.mark.parametrize("early_exit", [False, True])
+def test_bare_prompt_decodes_from_the_probe_cache(engine, monkeypatch, early_exit):
+    """Without evidence the prompt is the probe's: generation starts from the probe's
+    KV cache (no second prefill) and gives the tokens a fresh prefill gives."""
+    import importlib
+
+    gen_mod = importlib.import_module("hmst.generation.generate")  # not the function
+    ee_mod = importlib.import_module("hmst.models.early_exit")
+
+    q = "Where does Vile Mousto live?"
+    d = dict(early_exit=early_exit, episodic=False, semantic=False, verification=False)
+    _, _, _, probe = engine.state_features(q)
+    fresh, fresh_exits, fresh_p = engine._generate(probe["ids"], early_exit, None, None)
+    calls = []
+    for mod in (gen_mod, ee_mod):
+        real = mod.prefill
+        monkeypatch.setattr(
+            mod,
+            "prefill",
+            lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k),
+        )
+    res = engine.answer(q, decisions=d)
+    assert calls == []  # the probe's cache was used
+    assert res.raw_answer == engine._cut(engine.tokenizer.decode(fresh))
+    assert res.lm_confidence == pytest.approx(fresh_p, abs=1e-5)
+    if early_exit:
+        assert res.exit_layers == fresh_exits
+    with engine.observers.scoped(Recorder()):  # observed: its own, traced prefill
+        assert engine.answer(q, decisions=d).raw_answer == res.raw_answer
+    assert calls
+
+
+def test_generate_stream_rejects_a_short_prefilled_cache(engine):
+    from hmst.generation import SamplingParams, generate_stream
+
+    ids = engine._prompt("Who is a baker?", [])
+    caches = engine.model.allocate_kv_cache(1, len(ids) + 2)
+    logits = engine.model(torch.tensor([ids]), kv_caches=caches)["logits"][:, -1]
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    with pytest.raises(ValueError, match="room for"):
+        next(generate_stream(engine.model, [ids], params, prefilled=(caches, logits)))
+
+
 def test_probe_features_are_the_retrievers_features(engine):
     """The query vector the engine searches with is the retriever's own definition
     of a text's features (what its projections were trained on)."""
     qfeat, _, _, probe = engine.state_features("Who is a baker?")
     text = engine.tokenizer.decode(probe["ids"])
     ref = engine.retriever.features(engine.model, engine.tokenizer, [text])[0]
-    torch.testing.assert_close(qfeat, ref)
+    assert ref.numel() == 2 * qfeat.numel()  # plain means, then SIF-weighted means
+    torch.testing.assert_close(qfeat, ref[: qfeat.numel()])
     r = engine.retriever.embed_features(ref[None], "query")[0]
     torch.testing.assert_close(probe["q_vec"], r)
 

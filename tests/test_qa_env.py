@@ -8,6 +8,8 @@ from hmst.memory.retriever import (
     Retriever,
     RetrieverConfig,
     fit_min_score,
+    load_retriever,
+    save_retriever,
     train_retriever,
 )
 from hmst.qa import (
@@ -85,6 +87,39 @@ def test_retriever_learns_to_pair_questions_with_their_statements():
     assert losses[-1] < losses[0] and top1() > max(0.9, before + 0.5)
     with pytest.raises(ValueError, match="negatives"):
         train_retriever(r, q, d, steps=1, negatives="some")
+
+
+def test_sif_pooling_weights_rare_tokens_and_round_trips(tmp_path):
+    cfg = RetrieverConfig(d_model=4, dim=8, sif_a=0.1, vocab_size=5)
+    r = Retriever(cfg)
+    assert cfg.num_features == 16
+    r.fit_token_weights([[0, 0, 0, 1], [0, 0, 0, 2]])  # p = 6/8, 1/8, 1/8, 0, 0
+    want = torch.tensor([0.1 / 0.85, 0.1 / 0.225, 0.1 / 0.225, 1.0, 1.0])
+    torch.testing.assert_close(r.token_weight, want)
+    ids = torch.tensor([[0, 1, 3]])
+    emb = torch.randn(1, 3, 4)
+    hid = torch.randn(1, 3, 4)
+    f = r.pool(ids, emb, hid)
+    w = want[ids[0]] / want[ids[0]].sum()
+    torch.testing.assert_close(f[0, :4], emb[0].mean(0))
+    torch.testing.assert_close(f[0, 8:12], (w[:, None] * emb[0]).sum(0))
+    torch.testing.assert_close(f[0, 12:], (w[:, None] * hid[0]).sum(0))
+    # padding (valid = 0) changes neither part
+    pad = r.pool(
+        torch.tensor([[0, 1, 3, 2]]),
+        torch.cat([emb, torch.randn(1, 1, 4)], 1),
+        torch.cat([hid, torch.randn(1, 1, 4)], 1),
+        torch.tensor([[[1.0], [1.0], [1.0], [0.0]]]),
+    )
+    torch.testing.assert_close(pad, f)
+    save_retriever(str(tmp_path / "r"), r)
+    back = load_retriever(str(tmp_path / "r"))
+    assert back.config == cfg
+    torch.testing.assert_close(back.token_weight, r.token_weight)
+    with pytest.raises(ValueError, match="vocab_size"):
+        RetrieverConfig(d_model=4, sif_a=0.1)
+    with pytest.raises(ValueError, match="sif_a = 0"):
+        Retriever(RetrieverConfig(d_model=4)).fit_token_weights([[1]])
 
 
 def _table():

@@ -34,6 +34,7 @@ def generate_stream(
     backend="fast",
     expert_bias: torch.Tensor | None = None,
     observe: Emitter | None = None,
+    prefilled: tuple | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token of every row, (B,) per step. A row that emitted `eos_id`
     keeps emitting it; the stream ends when every row has, or after max_new_tokens.
@@ -41,7 +42,10 @@ def generate_stream(
     function with their signature (e.g. a compiled one, in bench/bench_decode.py).
     `expert_bias` (E,) or (L, E) shifts expert choice (the meta-controller's
     preference). `observe` (an `hmst.observe.Emitter`, None = off) receives the
-    generation's events; the tokens are the same either way."""
+    generation's events; the tokens are the same either way. `prefilled`
+    (caches, logits (B, V)): the prompts already ran through the model into these
+    caches (e.g. the inference engine's probe) and these are their last logits;
+    equal-length prompts only, caches long enough for the new tokens."""
     forward = BACKENDS[backend] if isinstance(backend, str) else backend
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt")
@@ -64,27 +68,40 @@ def generate_stream(
     if padded:
         causal = torch.ones(T, T, dtype=torch.bool, device=device).tril()
         mask = (causal[None] & valid[:, None, :T]).unsqueeze(1)  # (B, 1, T, T)
-    caches = model.allocate_kv_cache(B, total)
+    first_logits = None
+    if prefilled is None:
+        caches = model.allocate_kv_cache(B, total)
+    else:
+        caches, first_logits = prefilled
+        if padded or first_logits.shape[0] != B or caches[0].max_seq_len < total:
+            raise ValueError(
+                "prefilled caches need equal-length prompts, one logits row per "
+                f"prompt and room for {total} positions"
+            )
     gen = _make_generator(params.seed, device)
     n_new = total - T
     if observe is None:
         yield from _decode(
             model, ids, caches, mask, valid, padded, params, gen, eos_id, n_new,
-            forward, expert_bias,
+            forward, expert_bias, first_logits=first_logits,
         )  # fmt: skip
         return
     yield from _observed(
         observe, model, prompts, ids, caches, mask, valid, padded, params, gen,
-        eos_id, n_new, forward, expert_bias,
+        eos_id, n_new, forward, expert_bias, first_logits,
     )  # fmt: skip
 
 
 def _decode(model, ids, caches, mask, valid, padded, params, gen, eos_id, n_new,
-            forward, expert_bias, tap=None, on_token=None):  # fmt: skip
+            forward, expert_bias, tap=None, on_token=None,
+            first_logits=None):  # fmt: skip
     """The token loop. `tap`/`on_token(step, logits, filtered, nxt)` exist only when
-    the generation is observed; the ops are the same either way."""
+    the generation is observed; the ops are the same either way. `first_logits`: the
+    prompt is already in `caches` (no prefill)."""
     T = ids.shape[1]
-    logits = prefill(model, ids, caches, mask, forward, expert_bias, tap)
+    logits = first_logits
+    if logits is None:
+        logits = prefill(model, ids, caches, mask, forward, expert_bias, tap)
     context = ids
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
     for step in range(n_new):
@@ -109,7 +126,7 @@ def _decode(model, ids, caches, mask, valid, padded, params, gen, eos_id, n_new,
 
 
 def _observed(emitter, model, prompts, ids, caches, mask, valid, padded, params, gen,
-              eos_id, n_new, forward, expert_bias):  # fmt: skip
+              eos_id, n_new, forward, expert_bias, first_logits):  # fmt: skip
     """`_decode` with a `ModelTap` and per-token events around it."""
     t0 = time.perf_counter()
     emitter.emit(
@@ -141,7 +158,7 @@ def _observed(emitter, model, prompts, ids, caches, mask, valid, padded, params,
         with tap:
             yield from _decode(
                 model, ids, caches, mask, valid, padded, params, gen, eos_id, n_new,
-                forward, expert_bias, tap, on_token,
+                forward, expert_bias, tap, on_token, first_logits,
             )  # fmt: skip
     except GeneratorExit:  # the consumer stopped early (stop string, Ctrl-C)
         reasons = [r if r == "eos" else "stopped" for r in reasons]

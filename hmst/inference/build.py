@@ -47,10 +47,13 @@ def _split(facts, frac: float, salt: str):
     return a, b
 
 
-def build_retriever(model, tok, world, steps: int, num_facts: int = 12000, log=print):
+def build_retriever(
+    model, tok, world, steps: int, num_facts: int = 12000, sif_a=1e-3, log=print
+):
     """Train on `num_facts` reading facts of people outside every world group (90%),
     fit `min_score` on the rest: half their people stored, the other half's questions
-    have nothing stored (their best hit is a negative)."""
+    have nothing stored (their best hit is a negative). `sif_a`: SIF pooling (see
+    `hmst.memory.retriever`; 0 = plain means)."""
     from hmst.memory.retriever import (
         Retriever,
         RetrieverConfig,
@@ -68,7 +71,13 @@ def build_retriever(model, tok, world, steps: int, num_facts: int = 12000, log=p
         f for f in reading_facts(world, num_facts, seed=3) if f.subject not in held
     ]
     train, val = _split(facts, 0.1, "retriever")
-    r = Retriever(RetrieverConfig(d_model=model.config.d_model))
+    cfg = RetrieverConfig(
+        d_model=model.config.d_model, sif_a=sif_a, vocab_size=model.config.vocab_size
+    )
+    r = Retriever(cfg)
+    if sif_a > 0:  # token frequencies of the training questions and statements
+        texts = [format_prompt(f.question) for f in train]
+        r.fit_token_weights(tok.encode(t) for t in texts + [f.statement for f in train])
     feats = {}
     for name, part in (("train", train), ("val", val)):
         q = r.features(model, tok, [format_prompt(f.question) for f in part])
@@ -195,7 +204,7 @@ def build(args, log=print) -> dict:
     world = make_world(args.num_subjects, args.world_seed)
     log(f"world: {json.dumps({g: len(world[g]) for g in GROUPS})}")
     retriever, r_stats = build_retriever(
-        model, tok, world, args.retriever_steps, log=log
+        model, tok, world, args.retriever_steps, sif_a=args.sif_a, log=log
     )
     semantic = SemanticMemory(dimension=retriever.dim, max_entries=1_000_000)
     episodic = EpisodicMemory(None, max_entries=64, d_model=retriever.dim)
@@ -240,6 +249,8 @@ def build_parser():
     p.add_argument("--num-subjects", type=int, default=1600)
     p.add_argument("--world-seed", type=int, default=0)
     p.add_argument("--retriever-steps", type=int, default=600)
+    p.add_argument("--sif-a", type=float, default=1e-3,
+                   help="retriever SIF pooling weight a (0: plain means)")  # fmt: skip
     p.add_argument("--critic-steps", type=int, default=800)
     p.add_argument("--early-exit-steps", type=int, default=200, help="0: no exit heads")
     p.add_argument("--seed", type=int, default=0)

@@ -265,16 +265,22 @@ class HMSTInferenceEngine:
     @torch.no_grad()
     def _probe(self, query: str):
         """One forward of the bare prompt: LM confidence features, the retriever's
-        query features, the mean router distribution (the controller's expert target).
-        """
+        query features, the mean router distribution (the controller's expert target),
+        and the prompt's KV cache with its last logits, which generation reuses when
+        the prompt stays the bare one (no evidence)."""
         ids = self._prompt(query, [])
         x = torch.tensor([ids], device=self._device)
-        out = self.model(x, return_hidden=True)
+        caches = self.model.allocate_kv_cache(1, len(ids) + self.config.max_new_tokens)
+        out = self.model(x, kv_caches=caches, return_hidden=True)
         probs = out["logits"][0, -1].float().softmax(-1)
         top2 = probs.topk(2).values
         V, E = probs.numel(), self.model.config.n_experts
         ent = -(probs * probs.clamp_min(1e-12).log()).sum() / math.log(V)
-        qfeat = pool_features(self.model.embed(x), out["hidden_states"])[0].cpu()
+        emb, hidden = self.model.embed(x), out["hidden_states"]
+        qfeat = pool_features(emb, hidden)[0].cpu()
+        rfeat = None
+        if self.retriever is not None:
+            rfeat = self.retriever.pool(x, emb, hidden)[0].cpu()
         r_ent = out.get("router_entropy")
         feats = dict(
             max_prob=float(top2[0]),
@@ -285,7 +291,8 @@ class HMSTInferenceEngine:
                 float(r_ent.mean()) / math.log(E) if r_ent is not None else 0.0
             ),
         )
-        return ids, qfeat, feats, out["router_probs"].float().mean(0).cpu()
+        router = out["router_probs"].float().mean(0).cpu()
+        return ids, qfeat, rfeat, feats, router, (caches, out["logits"][:, -1])
 
     @torch.no_grad()
     def state_features(
@@ -294,10 +301,10 @@ class HMSTInferenceEngine:
         """(query features (2D,), state features (len(FEATURES),), named features,
         probe extras). Public so the RL environment computes exactly what the engine
         does."""
-        ids, qfeat, feats, router = self._probe(query)
+        ids, qfeat, rfeat, feats, router, prefilled = self._probe(query)
         q_vec = None
-        if self.retriever is not None:
-            q_vec = self.retriever.embed_features(qfeat[None], "query")[0].detach()
+        if rfeat is not None:
+            q_vec = self.retriever.embed_features(rfeat[None], "query")[0].detach()
         ep = self.episodic
         feats["episodic_fill"] = len(ep) / ep.max_entries if ep is not None else 0.0
         best = 0.0
@@ -313,7 +320,8 @@ class HMSTInferenceEngine:
             math.log10(1 + len(self.semantic)) / 7 if self.semantic is not None else 0.0
         )
         vec = torch.tensor([feats[k] for k in FEATURES], dtype=torch.float32)
-        return qfeat, vec, feats, dict(ids=ids, q_vec=q_vec, router=router)
+        extras = dict(ids=ids, q_vec=q_vec, router=router, prefilled=prefilled)
+        return qfeat, vec, feats, extras
 
     @torch.no_grad()
     def decide(self, qfeat, state_vec, forced: dict | None = None):
@@ -396,8 +404,9 @@ class HMSTInferenceEngine:
         return (s * torch.log(E * expert_w.clamp_min(1e-6))).to(self._device)
 
     @torch.no_grad()
-    def _generate(self, ids, early_exit: bool, expert_bias, emitter):
-        """(token ids, exit layer per generated token, first-token probability)."""
+    def _generate(self, ids, early_exit: bool, expert_bias, emitter, prefilled=None):
+        """(token ids, exit layer per generated token, first-token probability).
+        `prefilled`: (caches, last logits) of `ids` from the probe."""
         n_max = self.config.max_new_tokens
         L = self.model.config.n_layers
         eos = self.tokenizer.eos_id
@@ -406,9 +415,12 @@ class HMSTInferenceEngine:
         if early_exit:
             from hmst.models.early_exit import decode_step, prefill
 
-            x = torch.tensor([ids], device=self._device)
-            caches = self.model.allocate_kv_cache(1, len(ids) + n_max)
-            logits, layer = prefill(self.model, x, caches), L - 1
+            if prefilled is None:
+                x = torch.tensor([ids], device=self._device)
+                caches = self.model.allocate_kv_cache(1, len(ids) + n_max)
+                prefilled = caches, prefill(self.model, x, caches)
+            caches, logits = prefilled
+            layer = L - 1
             for step in range(n_max):
                 p = logits.float().softmax(-1)[0]
                 tok = int(p.argmax())
@@ -442,8 +454,10 @@ class HMSTInferenceEngine:
                 first.append(logits)
             return logits
 
+        if prefilled is not None:
+            first.append(prefilled[1])
         stream = generate_stream(
-            self.model, [ids], params, eos, forward, expert_bias, emitter
+            self.model, [ids], params, eos, forward, expert_bias, emitter, prefilled
         )
         try:
             for step, nxt in enumerate(stream):
@@ -533,7 +547,16 @@ class HMSTInferenceEngine:
         bias = self._expert_bias(expert_w)
         t0 = time.perf_counter()
         inner = _Nested(emitter) if emitter is not None else None
-        toks, exits, first_p = self._generate(ids, chosen["early_exit"], bias, inner)
+        # the bare prompt already sits in the probe's KV cache: decode from there
+        # (an observed query runs its own prefill, so the trace has its routing)
+        reuse = not evidence and bias is None and inner is None
+        toks, exits, first_p = self._generate(
+            ids,
+            chosen["early_exit"],
+            bias,
+            inner,
+            probe["prefilled"] if reuse else None,
+        )
         clock("generate", t0)
         raw = self._cut(self.tokenizer.decode(toks))
         answer, abstained, confidence, verdict = raw, False, first_p, None

