@@ -136,7 +136,7 @@ class MemoryHit:
     id: int
     score: float
     text: str
-    valid: bool  # score >= the retriever's min_score
+    valid: bool  # score >= the retriever's min_score (for this source)
     used: bool = False  # put in the prompt (valid, within context_margin of the best,
     # among the best context_k)
 
@@ -362,7 +362,7 @@ class HMSTInferenceEngine:
         return chosen, probs, expert_w, source
 
     def _retrieve(self, source: str, q_vec, emitter) -> list[MemoryHit]:
-        k, floor = self.config.top_k, self.retriever.config.min_score
+        k, floor = self.config.top_k, self.retriever.config.floor(source)
         if source == "semantic":
             res = self.semantic.search(q_vec.numpy()[None], k)[0]
             hits = [

@@ -53,12 +53,24 @@ class RetrieverConfig:
     plain means only."""
     vocab_size: int = 0
     """Size of the token-weight table (needed when sif_a > 0)."""
+    episodic_min_score: float | None = None
+    """`min_score` for the episodic buffer (None: the same). The buffer holds a few
+    dozen lines, so its best irrelevant hit is the best of few and scores lower than
+    the best of a whole semantic store: one threshold fitted on the store drops
+    relevant buffer lines (measured on the QA world: 4 of 150 episodic questions)."""
 
     def __post_init__(self):
         if self.sif_a < 0:
             raise ValueError(f"sif_a must be >= 0, got {self.sif_a}")
         if self.sif_a > 0 and self.vocab_size < 1:
             raise ValueError("sif_a > 0 needs the tokenizer's vocab_size")
+
+    def floor(self, source: str) -> float:
+        """The valid-hit threshold for hits from `source` ("semantic" or
+        "episodic")."""
+        if source == "episodic" and self.episodic_min_score is not None:
+            return self.episodic_min_score
+        return self.min_score
 
     @property
     def num_features(self) -> int:
