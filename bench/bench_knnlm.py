@@ -49,7 +49,7 @@ from hmst.memory.knnlm import (  # noqa: E402
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ["final/l2", "final/ip", "prenorm/l2"]
+VARIANTS = ["final/l2", "final/ip", "prenorm/l2", "ffn_input/l2"]
 PROTOCOLS = ("contiguous", "interleaved")
 
 

@@ -102,18 +102,16 @@ def test_hits_below_min_score_are_reported_but_not_used(tokenizer):
     assert r.prompt_tokens == len(eng._prompt("Who is a baker?", []))
 
 
-def test_each_memory_has_its_own_floor(tokenizer):
-    """episodic_min_score applies to buffer hits only; min_score to the store's."""
-    eng = make_engine(tokenizer, min_score=2.0)
-    eng.retriever.config.episodic_min_score = -2.0
+def test_the_floor_follows_each_memorys_size(tokenizer):
+    """size_floors: the buffer (1 line) gets the 1-entry cut, the store (3) its own."""
+    eng = make_engine(tokenizer, min_score=0.0)
+    eng.retriever.config.size_floors = [[1, -2.0], [3, 2.0]]
     r = eng.answer("Who is a baker?", decisions=dict(episodic=True, semantic=True))
-    by = {
-        src: [h.valid for h in r.hits if h.source == src]
-        for src in ("episodic", "semantic")
+    valid = {
+        s: [h.valid for h in r.hits if h.source == s] for s in ("episodic", "semantic")
     }
-    assert by["episodic"] and all(by["episodic"])
-    assert by["semantic"] and not any(by["semantic"])
-    assert eng.retriever.config.floor("semantic") == 2.0
+    assert valid["episodic"] and all(valid["episodic"])
+    assert valid["semantic"] and not any(valid["semantic"])
 
 
 def test_events_fire_once_per_decision(engine):

@@ -8,6 +8,7 @@ from hmst.memory.retriever import (
     Retriever,
     RetrieverConfig,
     fit_min_score,
+    fit_size_floors,
     load_retriever,
     save_retriever,
     train_retriever,
@@ -87,6 +88,26 @@ def test_retriever_learns_to_pair_questions_with_their_statements():
     assert losses[-1] < losses[0] and top1() > max(0.9, before + 0.5)
     with pytest.raises(ValueError, match="negatives"):
         train_retriever(r, q, d, steps=1, negatives="some")
+
+
+def test_size_floors_fit_each_store_size_and_are_looked_up_by_size():
+    g = torch.Generator().manual_seed(0)
+    pos = 0.5 + 0.5 * torch.rand(300, generator=g)
+    neg = 0.8 * torch.rand(100, 64, generator=g)
+    floors = fit_size_floors(pos, neg, [64, 1, 16, 1000])
+    assert [n for n, _ in floors] == [1, 16, 64]  # sorted, capped at the entries
+    # the whole store: each question's best entry
+    assert floors[-1][1] == fit_min_score(pos, neg.max(1).values)
+    # rows of one repeated value: the best of any n entries is that value
+    flat = neg[:, :1].expand(100, 64).contiguous()
+    one = fit_size_floors(pos, flat, [1, 8])
+    assert one[0][1] == one[1][1] == fit_min_score(pos, flat[:, 0])
+    cuts = [c for _, c in floors]
+    cfg = RetrieverConfig(d_model=4, min_score=0.5, size_floors=floors)
+    assert cfg.floor(0) == cfg.floor(1) == cuts[0]
+    assert cfg.floor(15) == cuts[0] and cfg.floor(16) == cuts[1]
+    assert cfg.floor(63) == cuts[1] and cfg.floor(10**6) == cuts[2]
+    assert RetrieverConfig(d_model=4, min_score=0.5).floor(7) == 0.5
 
 
 def test_sif_pooling_weights_rare_tokens_and_round_trips(tmp_path):

@@ -6,7 +6,7 @@ Steps (each one's numbers are printed and stored in the manifest's `extra`):
   1. retriever   InfoNCE on (prompt of a `reading` question, its statement); the
                  valid-hit threshold `min_score` fitted on held-out reading subjects
                  (own statement vs best hit for a subject that is not stored), and
-                 `episodic_min_score` against buffer-sized stores
+                 per store size (`size_floors`: a small buffer needs a lower cut)
   2. semantic    FAISS memory of every `semantic` fact's statement
   3. episodic    an empty recent-interaction buffer keyed by the same embeddings
   4. critic      CriticModel on (question, evidence, answer) from `reading` facts:
@@ -49,18 +49,18 @@ def _split(facts, frac: float, salt: str):
 
 
 def build_retriever(
-    model, tok, world, steps: int, num_facts: int = 12000, sif_a=1e-3,
-    buffer_size: int = 64, log=print,
-):  # fmt: skip
+    model, tok, world, steps: int, num_facts: int = 12000, sif_a=1e-3, log=print
+):
     """Train on `num_facts` reading facts of people outside every world group (90%),
     fit `min_score` on the rest: half their people stored, the other half's questions
-    have nothing stored (their best hit is a negative); `episodic_min_score` the same
-    way against `buffer_size` stored lines (the episodic buffer's capacity). `sif_a`:
-    SIF pooling (see `hmst.memory.retriever`; 0 = plain means)."""
+    have nothing stored (their best hit is a negative); `size_floors` the same way
+    against stores of 1..256 of those statements. `sif_a`: SIF pooling (see
+    `hmst.memory.retriever`; 0 = plain means)."""
     from hmst.memory.retriever import (
         Retriever,
         RetrieverConfig,
         fit_min_score,
+        fit_size_floors,
         train_retriever,
     )
     from hmst.qa import reading_facts
@@ -101,13 +101,10 @@ def build_retriever(
         pos = sims[stored, own_col[stored]]
         neg = sims[~stored].max(1).values
         top1 = (sims[stored].argmax(1) == own_col[stored]).float().mean()
-        # the episodic buffer: the best irrelevant hit among `buffer_size` lines
-        g = torch.Generator().manual_seed(0)
-        cols = torch.randperm(len(store_rows), generator=g)[:buffer_size]
-        neg_buffer = sims[~stored][:, cols].max(1).values
     min_score = fit_min_score(pos, neg)
     r.config.min_score = min_score
-    r.config.episodic_min_score = fit_min_score(pos, neg_buffer)
+    sizes = [1, 2, 4, 8, 16, 32, 64, 128, 256, len(store_rows)]
+    r.config.size_floors = fit_size_floors(pos, sims[~stored], sizes)
     stats = dict(
         train_facts=len(train),
         val_facts=len(val),
@@ -119,13 +116,7 @@ def build_retriever(
         min_score=min_score,
         val_pos_above=float((pos >= min_score).float().mean()),
         val_neg_below=float((neg < min_score).float().mean()),
-        episodic_min_score=r.config.episodic_min_score,
-        val_pos_above_episodic=float(
-            (pos >= r.config.episodic_min_score).float().mean()
-        ),
-        val_neg_below_episodic=float(
-            (neg_buffer < r.config.episodic_min_score).float().mean()
-        ),
+        size_floors=r.config.size_floors,
     )
     log(f"retriever: {json.dumps(stats)}")
     return r.eval(), stats
@@ -218,13 +209,11 @@ def build(args, log=print) -> dict:
     model.eval().requires_grad_(False)
     world = make_world(args.num_subjects, args.world_seed)
     log(f"world: {json.dumps({g: len(world[g]) for g in GROUPS})}")
-    buffer = 64  # episodic buffer capacity
     retriever, r_stats = build_retriever(
-        model, tok, world, args.retriever_steps, sif_a=args.sif_a,
-        buffer_size=buffer, log=log,
-    )  # fmt: skip
+        model, tok, world, args.retriever_steps, sif_a=args.sif_a, log=log
+    )
     semantic = SemanticMemory(dimension=retriever.dim, max_entries=1_000_000)
-    episodic = EpisodicMemory(None, max_entries=buffer, d_model=retriever.dim)
+    episodic = EpisodicMemory(None, max_entries=64, d_model=retriever.dim)
     critic, c_stats = build_critic(world, args.critic_steps, args.seed, log)
     heads, ee_stats = None, None
     if args.early_exit_steps > 0:

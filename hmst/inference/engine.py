@@ -10,8 +10,9 @@ Per query (`engine.answer(query)`):
                  expert_weights (or `decisions=` forces any of them; a `policy="fixed"`
                  engine uses `config.fixed_decisions`)
     3. retrieve  episodic (the recent-interaction buffer) and/or semantic (FAISS)
-                 memory, as decided; hits scoring under the retriever's `min_score`
-                 are reported but not used (requested vs valid hits)
+                 memory, as decided; hits scoring under the retriever's floor for
+                 that memory's size (`RetrieverConfig.floor`) are reported but not
+                 used (requested vs valid hits)
     4. generate  the prompt with the best `context_k` valid hits of both memories as
                  context lines, greedy by default,
                  with the KV cache; `early_exit` decodes with the exit heads (tokens
@@ -136,7 +137,7 @@ class MemoryHit:
     id: int
     score: float
     text: str
-    valid: bool  # score >= the retriever's min_score (for this source)
+    valid: bool  # score >= the retriever's floor for this memory's size
     used: bool = False  # put in the prompt (valid, within context_margin of the best,
     # among the best context_k)
 
@@ -362,7 +363,8 @@ class HMSTInferenceEngine:
         return chosen, probs, expert_w, source
 
     def _retrieve(self, source: str, q_vec, emitter) -> list[MemoryHit]:
-        k, floor = self.config.top_k, self.retriever.config.floor(source)
+        memory = self.semantic if source == "semantic" else self.episodic
+        k, floor = self.config.top_k, self.retriever.config.floor(len(memory))
         if source == "semantic":
             res = self.semantic.search(q_vec.numpy()[None], k)[0]
             hits = [

@@ -368,7 +368,8 @@ def unigram_logprob(train_targets: np.ndarray, vocab_size: int, alpha: float = 1
 
 LAMBDAS = tuple(round(0.05 * i, 2) for i in range(0, 20))  # 0.0 .. 0.95
 TEMP_FACTORS = (0.015, 0.03, 0.06, 0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
-K_CHOICES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+K_CHOICES = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+"""k values tuned over (those up to the number of neighbours searched)."""
 
 
 def tune_lambda(lm_logprob, other_logprob, lambdas=LAMBDAS) -> tuple[float, float]:

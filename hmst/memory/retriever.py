@@ -53,11 +53,12 @@ class RetrieverConfig:
     plain means only."""
     vocab_size: int = 0
     """Size of the token-weight table (needed when sif_a > 0)."""
-    episodic_min_score: float | None = None
-    """`min_score` for the episodic buffer (None: the same). The buffer holds a few
-    dozen lines, so its best irrelevant hit is the best of few and scores lower than
-    the best of a whole semantic store: one threshold fitted on the store drops
-    relevant buffer lines (measured on the QA world: 4 of 150 episodic questions)."""
+    size_floors: list | None = None
+    """[[n, cut], ...] by ascending n: the valid-hit threshold for a memory holding n
+    entries (`fit_size_floors`). The best irrelevant hit is the best of n, so it
+    rises with n, and one cut fitted on a large store drops relevant lines of a
+    small buffer (measured on the QA world: 4 of 150 episodic questions). A memory of
+    n entries uses the cut of the largest fitted size <= n; None: `min_score`."""
 
     def __post_init__(self):
         if self.sif_a < 0:
@@ -65,12 +66,15 @@ class RetrieverConfig:
         if self.sif_a > 0 and self.vocab_size < 1:
             raise ValueError("sif_a > 0 needs the tokenizer's vocab_size")
 
-    def floor(self, source: str) -> float:
-        """The valid-hit threshold for hits from `source` ("semantic" or
-        "episodic")."""
-        if source == "episodic" and self.episodic_min_score is not None:
-            return self.episodic_min_score
-        return self.min_score
+    def floor(self, size: int) -> float:
+        """The valid-hit threshold for a memory holding `size` entries."""
+        if not self.size_floors:
+            return self.min_score
+        cut = self.size_floors[0][1]
+        for n, c in self.size_floors:
+            if n <= size:
+                cut = c
+        return cut
 
     @property
     def num_features(self) -> int:
@@ -213,6 +217,26 @@ def fit_min_score(
     )
     acc = torch.where(recall >= min_recall, acc, torch.full_like(acc, -1.0))
     return float(cuts[int(acc.argmax())])
+
+
+def fit_size_floors(
+    pos_scores: torch.Tensor,
+    neg_sims: torch.Tensor,
+    sizes,
+    min_recall: float = 0.98,
+    seed: int = 0,
+) -> list:
+    """`RetrieverConfig.size_floors`: for each store size n, `fit_min_score` of the
+    relevant hits against each no-answer question's best score among n entries drawn
+    at random from its row of `neg_sims` (questions x stored entries)."""
+    g = torch.Generator().manual_seed(seed)
+    Q, S = neg_sims.shape
+    out = []
+    for n in sorted(set(min(int(n), S) for n in sizes)):
+        pick = torch.rand(Q, S, generator=g).argsort(1)[:, :n]
+        neg = neg_sims.gather(1, pick).max(1).values
+        out.append([n, fit_min_score(pos_scores, neg, min_recall)])
+    return out
 
 
 def save_retriever(path: str, retriever: Retriever, extra: dict | None = None):
