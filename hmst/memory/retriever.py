@@ -11,14 +11,16 @@ Keys and queries get separate projections because a question and the sentence th
 answers it do not look alike ("Where was X born?" vs "X was born in Oslo."). Cosine
 similarity of unit vectors = inner product, so the FAISS index is an inner-product
 one and scores are comparable across queries: `min_score` (fitted by
-`fit_min_score`) separates a relevant hit from the best of the irrelevant ones.
+`fit_min_score`) separates a relevant hit from the best of the irrelevant ones, and
+`size_floors` (`fit_size_floors`) does so per store size.
 
 The weighted means are SIF pooling (Arora et al. 2017): p is each token's frequency in
 the retriever's training text (`fit_token_weights`), so rare tokens -- the names that
 tell one person's fact from another's -- weigh more than the template words every
-question shares. Measured on the QA world's validation split (12k facts, 600 steps):
-at the threshold keeping 98.1% of relevant hits, plain means let 11.0% of questions
-with nothing stored through, means + SIF 0.7%.
+question shares. Measured on the QA world's validation split (`hmst.inference.build`:
+12k facts, 600 steps, a 592-statement store): at the threshold keeping 98.1% of
+relevant hits, plain means let 11.0% of questions with nothing stored through,
+means + SIF 0.5%.
 
 Legend: B batch, T tokens, D d_model, F = 2D (4D with SIF) features, K dim, V vocab.
 """
