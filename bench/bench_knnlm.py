@@ -2,7 +2,7 @@
 over the training split lower held-out perplexity, and do the controls rule out the
 cheap explanations?
 
-    python bench/bench_knnlm.py --checkpoint checkpoints/micro/best
+    python bench/bench_knnlm.py --checkpoint checkpoints/micro/best [--k 8192]
 
 One run reports test perplexity for two tune/test protocols over the held-out tail
 (lam, T, k and the key variant chosen on the tuning positions only): "contiguous"
@@ -91,7 +91,7 @@ def main():
     p.add_argument("--data", default=os.path.join(ROOT, "data/tinyshakespeare.txt"))
     p.add_argument("--val-split", type=float, default=0.1)
     p.add_argument("--tune-fraction", type=float, default=0.5)
-    p.add_argument("--k", type=int, default=4096, help="largest k tried")
+    p.add_argument("--k", type=int, default=8192, help="largest k tried")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
