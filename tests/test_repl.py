@@ -16,16 +16,11 @@ PROMPT = ">>> "
 
 @pytest.fixture(scope="module")
 def long_ckpt(tmp_path_factory, tokenizer):
-    """Random small model with a long context (so a generation lasts long enough to be
-    interrupted: 4000 tokens take ~10 s, not the ~2 s of the 32-wide tiny config,
-    which a CI machine once finished before the Ctrl-C landed) whose greedy
-    decoding never picks EOS: its tied embedding row is zero, so its logit is 0 while
-    the best of the other 299 random logits is positive."""
+    """Random tiny model with a long context (so a generation lasts long enough to be
+    interrupted) whose greedy decoding never picks EOS: its tied embedding row is zero,
+    so its logit is 0 while the best of the other 299 random logits is positive."""
     torch.manual_seed(0)
-    cfg = tiny_config(
-        max_seq_len=4096, init_std=0.1, d_model=256, n_heads=8, n_layers=4, d_ff=512
-    )
-    model = BaseMoEModel(config=cfg)
+    model = BaseMoEModel(config=tiny_config(max_seq_len=4096, init_std=0.1))
     with torch.no_grad():
         model.embed.weight[tokenizer.eos_id] = 0
     path = tmp_path_factory.mktemp("ckpt") / "model"
