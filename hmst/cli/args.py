@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 
@@ -29,3 +30,10 @@ def field_value(text: str) -> tuple[str, object]:
         return k, json.loads(v)
     except json.JSONDecodeError:
         return k, v
+
+
+def restore_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt (what the REPLs catch), even when the
+    process started with SIGINT ignored, as a shell without job control leaves a
+    background command and Python then keeps it."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sys
 
+from hmst.cli.args import restore_ctrl_c
 from hmst.models.meta_controller import DECISIONS
 
 
@@ -75,6 +76,7 @@ def run_engine(args, prompts) -> None:
         print(describe(r), file=sys.stderr)
         return
     print("HMST engine: a query per line; `remember <text>`; `quit`.")
+    restore_ctrl_c()
     while True:
         try:
             line = input(">>> ").strip()

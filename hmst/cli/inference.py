@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from hmst.cli.args import restore_ctrl_c
 from hmst.generation.sampling import SamplingParams
 
 HELP = """commands:
@@ -219,6 +220,7 @@ def repl(gen, params):
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    restore_ctrl_c()
     history = []
     print("HMST interactive generation. Type 'help' for commands.", file=sys.stderr)
     while True:
