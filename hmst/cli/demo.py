@@ -56,7 +56,7 @@ def engine_tour(path: str) -> None:
             mark = (
                 "used"
                 if h.used
-                else "valid, not used" if h.valid else "below min_score"
+                else "valid, not used" if h.valid else "below the floor"
             )
             print(f"   hit {h.source}#{h.id} score {h.score:.3f} ({mark}): {h.text}")
         if r.critic:
