@@ -138,12 +138,20 @@ def main():
         fmt = "".join(f"{v:>9.3f}" if v is not None else f"{'':>9}" for v in cells)
         print(f"{name:<17}{r['reward']:>8.3f}{fmt}")
     acts = controller_actions(test, encoder, controller)
-    print("\nPPO decision rates per category:")
-    print(f"{'category':<14}" + "".join(f"{d:>14}" for d in DECISIONS))
+    ppo_r = test.outcome(torch.arange(len(test)), acts)["reward"]
+    best = test.all_outcomes().max(1)
+    print("\nPPO decision rates per category, mean reward vs the oracle's, and the "
+          "oracle's early-exit rate:")  # fmt: skip
+    print(f"{'category':<14}" + "".join(f"{d:>14}" for d in DECISIONS)
+          + f"{'PPO':>8}{'oracle':>8}{'oracle ee':>11}")  # fmt: skip
     for i, c in enumerate(CATEGORIES):
         m = test.category == i
+        ee = ALL_ACTIONS[best.indices[m]][:, 0].float().mean()
         print(
-            f"{c:<14}" + "".join(f"{100 * float(v):>13.1f}%" for v in acts[m].mean(0))
+            f"{c:<14}"
+            + "".join(f"{100 * float(v):>13.1f}%" for v in acts[m].mean(0))
+            + f"{float(ppo_r[m].mean()):>8.3f}{float(best.values[m].mean()):>8.3f}"
+            + f"{100 * float(ee):>10.1f}%"
         )
     ppo, always = rows["PPO controller"]["reward"], rows["always-retrieve"]["reward"]
     oracle = rows["oracle"]["reward"]
