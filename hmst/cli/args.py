@@ -37,3 +37,16 @@ def restore_ctrl_c() -> None:
     process started with SIGINT ignored, as a shell without job control leaves a
     background command and Python then keeps it."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def run_main(prog: str, run, args):
+    """The body of a training command's `main`: `args.num_threads` threads, then
+    `run(args, log=...)` with its expected errors (bad path, corrupt file, bad value)
+    turned into one line and exit 2."""
+    import torch
+
+    torch.set_num_threads(args.num_threads)
+    try:
+        return run(args, log=lambda s: print(s, flush=True))
+    except (ValueError, OSError) as e:
+        fail(prog, str(e))

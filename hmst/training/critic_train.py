@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from hmst.configs.model_config import CriticConfig
 from hmst.eval_metrics import auroc, ece
 from hmst.models.critic import CriticModel, collate, encode_example, save_critic
-from hmst.cli.args import OneLineParser, field_value
+from hmst.cli.args import OneLineParser, field_value, run_main
 from hmst.cli.args import fail as _fail
 
 PROG = "critic_train"
@@ -433,12 +433,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    try:
-        return run(args, log=lambda s: print(s, flush=True))
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    return run_main(PROG, run, parse_args(argv))
 
 
 if __name__ == "__main__":

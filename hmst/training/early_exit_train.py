@@ -220,7 +220,7 @@ def evaluate_exit(model, heads, windows, threshold, batch_size: int = 8, rule=No
     return res
 
 
-ORACLE_LAMS = (0.0, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2)
+ORACLE_LAMS = (0.0, 0.005, 0.01, 0.02, 0.025, 0.03, 0.05, 0.1, 0.2)
 
 
 def exit_oracle(model, heads, windows, lams=ORACLE_LAMS, batch_size: int = 8):

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from hmst.cli.args import OneLineParser, field_value
+from hmst.cli.args import OneLineParser, field_value, run_main
 from hmst.cli.args import fail as _fail
 from hmst.models.meta_controller import (
     DECISIONS,
@@ -482,12 +482,7 @@ def run(args, log=print) -> list[dict]:
 
 
 def main(argv=None) -> list[dict]:
-    args = parse_args(argv)
-    torch.set_num_threads(args.num_threads)
-    try:
-        return run(args, log=lambda s: print(s, flush=True))
-    except (ValueError, OSError) as e:
-        fail(str(e))
+    return run_main(PROG, run, parse_args(argv))
 
 
 if __name__ == "__main__":
