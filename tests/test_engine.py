@@ -349,6 +349,19 @@ def test_bare_prompt_decodes_from_the_probe_cache(engine, monkeypatch, early_exi
     assert calls
 
 
+def test_a_semantic_read_reuses_the_probes_search(engine, monkeypatch):
+    calls = []
+    real = engine.semantic.search
+    monkeypatch.setattr(
+        engine.semantic, "search", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
+    r = engine.answer("Who is a baker?", decisions=dict(semantic=True))
+    assert calls == [engine.config.top_k]  # one search, serving feature and hits
+    assert len([h for h in r.hits if h.source == "semantic"]) == 3  # all 3 stored
+    semantic_best = r.features["semantic_best"]
+    assert semantic_best == max(h.score for h in r.hits if h.source == "semantic")
+
+
 def test_generate_stream_rejects_a_short_prefilled_cache(engine):
     from hmst.generation import SamplingParams, generate_stream
 

@@ -69,7 +69,7 @@ FEATURES = (
     "query_len",  # prompt tokens / context length
     "episodic_fill",  # entries / capacity of the recent-interaction buffer
     "episodic_best",  # best cosine of the query against the buffer (an in-RAM probe)
-    "semantic_best",  # score of the top semantic hit (one k=1 index search)
+    "semantic_best",  # score of the top semantic hit (the probe's index search)
     "semantic_size",  # log10(1 + entries) / 7
     "router_entropy",  # mean router entropy over the prompt, / ln E
 )
@@ -313,15 +313,19 @@ class HMSTInferenceEngine:
             keys = torch.stack([e.key_N for e in ep.entries()])
             best = float(F.cosine_similarity(keys, q_vec[None], dim=1).max())
         feats["episodic_best"] = best
-        feats["semantic_best"] = 0.0
+        feats["semantic_best"], semantic = 0.0, None
         if self.semantic is not None and len(self.semantic) and q_vec is not None:
-            res = self.semantic.search(q_vec.numpy()[None], 1)[0]
-            feats["semantic_best"] = float(res.scores[0]) if len(res.scores) else 0.0
+            # top_k, not 1: a semantic read reuses this search
+            semantic = self.semantic.search(q_vec.numpy()[None], self.config.top_k)[0]
+            if len(semantic.scores):
+                feats["semantic_best"] = float(semantic.scores[0])
         feats["semantic_size"] = (
             math.log10(1 + len(self.semantic)) / 7 if self.semantic is not None else 0.0
         )
         vec = torch.tensor([feats[k] for k in FEATURES], dtype=torch.float32)
-        extras = dict(ids=ids, q_vec=q_vec, router=router, prefilled=prefilled)
+        extras = dict(
+            ids=ids, q_vec=q_vec, router=router, prefilled=prefilled, semantic=semantic
+        )
         return qfeat, vec, feats, extras
 
     @torch.no_grad()
@@ -362,11 +366,14 @@ class HMSTInferenceEngine:
             chosen["semantic"] = False
         return chosen, probs, expert_w, source
 
-    def _retrieve(self, source: str, q_vec, emitter) -> list[MemoryHit]:
+    def _retrieve(self, source: str, probe: dict, emitter) -> list[MemoryHit]:
         memory = self.semantic if source == "semantic" else self.episodic
         k, floor = self.config.top_k, self.retriever.config.floor(len(memory))
+        q_vec = probe["q_vec"]
         if source == "semantic":
-            res = self.semantic.search(q_vec.numpy()[None], k)[0]
+            res = probe["semantic"]  # the probe's search (top_k)
+            if res is None:
+                res = self.semantic.search(q_vec.numpy()[None], k)[0]
             hits = [
                 MemoryHit("semantic", int(i), float(s), t, float(s) >= floor)
                 for i, s, t in zip(res.ids, res.scores, res.texts)
@@ -534,7 +541,7 @@ class HMSTInferenceEngine:
         for src in ("episodic", "semantic"):
             if chosen[src]:
                 t0 = time.perf_counter()
-                hits += self._retrieve(src, probe["q_vec"], emitter)
+                hits += self._retrieve(src, probe, emitter)
                 clock(f"{src}_memory", t0)
         # context: the best `context_k` valid hits of both memories, best first, and
         # only those within `context_margin` of the best (a near-namesake's fact is a
