@@ -271,7 +271,8 @@ class HMSTInferenceEngine:
         the prompt stays the bare one (no evidence)."""
         ids = self._prompt(query, [])
         x = torch.tensor([ids], device=self._device)
-        caches = self.model.allocate_kv_cache(1, len(ids) + self.config.max_new_tokens)
+        room = min(len(ids) + self.config.max_new_tokens, self.model.config.max_seq_len)
+        caches = self.model.allocate_kv_cache(1, room)
         out = self.model(x, kv_caches=caches, return_hidden=True)
         probs = out["logits"][0, -1].float().softmax(-1)
         top2 = probs.topk(2).values
