@@ -11,9 +11,9 @@ the training split, in the test half) and "interleaved" (alternate 1024-token bl
 tune and test cover the same plays, as a validation and a test set usually do):
   - leakage: fraction of held-out token 32-grams (and 256-token windows) that occur in
     the training split, i.e. in the datastore;
-  - variants: key (final normed state / pre-norm / last MoE input) x metric (L2 / inner
-    product), each with its tuning and test perplexity; per protocol, the one with the
-    best tuning perplexity is used below;
+  - variants: key (final normed state / pre-norm / last MoE input / the residual
+    stream after block i) x metric (L2 / inner product), each with its tuning and test
+    perplexity; per protocol, the one with the best tuning perplexity is used below;
   - datastore size 10/25/50/100% of the training entries (nested random subsets);
   - controls: random datastore entries instead of the nearest (same lam/T/k, and with
     lam re-tuned), and the LM mixed with the training unigram distribution (lam tuned).
@@ -49,7 +49,10 @@ from hmst.memory.knnlm import (  # noqa: E402
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = ["final/l2", "final/ip", "prenorm/l2", "ffn_input/l2"]
+VARIANTS = [
+    "final/l2", "final/ip", "prenorm/l2", "ffn_input/l2", "block0/l2", "block1/l2",
+    "block2/l2",
+]  # fmt: skip
 PROTOCOLS = ("contiguous", "interleaved")
 
 

@@ -138,6 +138,22 @@ def test_key_types_are_the_hooked_activations(tiny_store):
     assert not np.allclose(by_type["ffn_input"].keys_ND, states.keys_ND, atol=1e-2)
 
 
+def test_block_keys_are_the_residual_stream_after_each_block(tiny_store):
+    model, ids, _ = tiny_store
+    L = model.config.n_layers
+    types = ("prenorm", "block0", f"block{L - 1}")
+    by_type = encode_streams(model, ids, types, 16, 4)
+    assert np.array_equal(by_type[f"block{L - 1}"].keys_ND, by_type["prenorm"].keys_ND)
+    with torch.no_grad():  # block0's output, by hand, for the first window
+        x = model.embed(torch.as_tensor(ids[None, :16]))
+        cos, sin = model.rope_cos[:16], model.rope_sin[:16]
+        h0 = model.layers[0](x, cos, sin)[0][0]
+    assert np.allclose(by_type["block0"].keys_ND[:16], h0.numpy(), atol=1e-5)
+    for bad in (f"block{L}", "block", "blockx", "hidden"):
+        with pytest.raises(ValueError, match="key type"):
+            encode_streams(model, ids, (bad,), 16, 4)
+
+
 def test_datastore_retrieves_exact_next_token(tiny_store):
     _, ids, states = tiny_store
     store = KNNDatastore.build(states.keys_ND, states.targets_N)

@@ -26,10 +26,27 @@ import torch.nn.functional as F
 
 from hmst.checkpoint import write_dir_atomic
 
-KEY_TYPES = ("final", "prenorm", "ffn_input")
+KEY_TYPES = ("final", "prenorm", "ffn_input", "block<i>")
 """final: the normed hidden state the LM head reads (`return_hidden=True`); prenorm:
 the residual stream before that norm; ffn_input: the last block's normed MoE input
-(the paper's best key)."""
+(the paper's best key); block<i> (block0, block1, ...): the residual stream after
+block i, 0-based (so prenorm = block<L-1>). On the micro model an intermediate block's
+stream is the best key (BENCHMARKS.md, kNN-LM)."""
+
+
+def _block_index(key_type: str, n_layers: int) -> int | None:
+    """i for a valid "block<i>" key type, None for the named ones; ValueError else."""
+    if key_type in KEY_TYPES[:3]:
+        return None
+    i = key_type[5:]
+    if key_type.startswith("block") and i.isdigit() and int(i) < n_layers:
+        return int(i)
+    raise ValueError(
+        f"key type {key_type!r} is not one of final, prenorm, ffn_input or "
+        f"block0..block{n_layers - 1}"
+    )
+
+
 METRICS = ("l2", "ip")
 INDEX_FILE, VALUES_FILE, MANIFEST_FILE = "index.faiss", "values.npy", "manifest.json"
 FORMAT = "hmst-knn-datastore-v1"
@@ -79,9 +96,9 @@ def encode_streams(
     """Run `ids` through `model` (eval mode) in overlapping windows of the model's
     context; return, per key type, every position's key, target and LM log-prob of the
     target (targets and log-probs shared). Several key types cost one pass."""
-    bad = [t for t in key_types if t not in KEY_TYPES]
-    if bad or not key_types:
-        raise ValueError(f"key types must be among {KEY_TYPES}, got {key_types!r}")
+    if not key_types:
+        raise ValueError("need at least one key type")
+    blocks = {t: _block_index(t, model.config.n_layers) for t in key_types}
     if len(ids) < 2:
         raise ValueError(f"need at least 2 tokens to encode, got {len(ids)}")
     seq_len = model.config.max_seq_len
@@ -98,6 +115,13 @@ def encode_streams(
             lambda m, inp, out: captured.__setitem__("ffn_input", out)
         ),
     ]
+    for t, i in blocks.items():  # a block returns (residual stream, router stats)
+        if i is not None:
+            hooks.append(
+                model.layers[i].register_forward_hook(
+                    lambda m, inp, out, t=t: captured.__setitem__(t, out[0])
+                )
+            )
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
     n = len(ids) - 1
     keys = {t: np.empty((n, model.config.d_model), np.float32) for t in key_types}

@@ -34,7 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--protocol", default="contiguous", choices=("contiguous", "interleaved"),
         help="tune/test split of the held-out part (see knnlm.heldout_partition)",
     )  # fmt: skip
-    p.add_argument("--key", default="final", choices=("final", "prenorm", "ffn_input"))
+    p.add_argument(
+        "--key", default="final",
+        help="key: final | prenorm | ffn_input | block<i> (residual after block i)",
+    )  # fmt: skip
     p.add_argument("--metric", default="l2", choices=("l2", "ip"))
     p.add_argument("--index", default="flat", choices=("flat", "ivf"))
     p.add_argument("--k", type=int, default=4096, help="largest k tried")
