@@ -226,3 +226,43 @@ def test_batched_decode_exits_when_every_row_is_confident():
     torch.testing.assert_close(logits, sim["logits"][:, 5:])
     _, exits = forced_decode(model, heads, ids, 6, threshold=NEVER)
     assert exits == [L - 1] * 11
+
+
+def test_exit_loss_is_the_lm_head_read_at_that_block():
+    torch.manual_seed(0)
+    model = BaseMoEModel(config=tiny_config(n_layers=3)).double()
+    x, y = torch.randint(0, 300, (2, 16)), torch.randint(0, 300, (2, 16))
+    seen = {}
+    model.layers[1].register_forward_hook(lambda m, i, o: seen.__setitem__("h", o[0]))
+    out = model(x, targets=y, exit_layer=1)
+    logits = torch.nn.functional.linear(model.norm(seen["h"]), model.embed.weight)
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    assert torch.allclose(out["exit_loss"], want.float(), atol=1e-6)
+    assert "exit_loss" not in model(x, targets=y)  # off unless asked for
+    for bad in (-1, 2):  # block 2 is the last: it already feeds the LM head
+        with pytest.raises(ValueError, match="exit_layer"):
+            model(x, targets=y, exit_layer=bad)
+
+
+def test_train_with_early_exit_loss_rotates_over_blocks(tmp_path):
+    from conftest import CORPUS, TINY_FLAGS
+
+    def train(*extra):
+        return subprocess.run(
+            [sys.executable, "train.py", CORPUS, "--output-dir", str(tmp_path / "o"),
+             *TINY_FLAGS, "--set", "model.n_layers=3", "--batch-size", "2",
+             "--val-split", "0.1", *extra],
+            cwd=ROOT, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+
+    r = train("--early-exit-loss", "-1", "--max-steps", "1")
+    assert r.returncode == 2 and "--early-exit-loss must be >= 0" in r.stderr
+    r = train("--early-exit-loss", "0.5", "--max-steps", "4")
+    assert r.returncode == 0, r.stderr[-2000:]
+    with open(tmp_path / "o" / "metrics.jsonl") as f:
+        recs = [json.loads(line) for line in f]
+    exits = [list(r["exit_loss"]) for r in recs if r.get("kind") == "train"]
+    assert exits == [["0"], ["1"], ["0"], ["1"]]  # step s reads block s % 2
+    assert all(
+        0 < v < 20 for r in recs if "exit_loss" in r for v in r["exit_loss"].values()
+    )

@@ -291,6 +291,11 @@ class TrainConfig:
     optimizer steps; None: at every evaluation; 0: never."""
     audit_layers: tuple[str, ...] = ("layers[0].moe", "layers[-1].moe")
     """Module paths whose activations the audit summarises (e.g. `layers[-1].attn`)."""
+    early_exit_loss: float = 0.0
+    """Weight of the early-exit loss (LayerSkip, Elhoushi et al. 2024): each step adds
+    this times the cross-entropy of the final norm + LM head read at one intermediate
+    block's output, rotating over blocks 0..L-2 by step, so that intermediate layers
+    learn to predict and early exit (`hmst.models.early_exit`) can stop sooner."""
     gradient_checkpointing: bool = False
     use_8bit_optimizer: bool = False
     mixed_precision: bool = False
@@ -315,6 +320,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.learning_rate <= 0:
             raise ValueError("learning_rate must be positive")
+        if self.early_exit_loss < 0:
+            raise ValueError(
+                f"--early-exit-loss must be >= 0, got {self.early_exit_loss}"
+            )
         self.betas = tuple(self.betas)
         self.audit_layers = tuple(self.audit_layers)
         if self.audit_every is not None and self.audit_every < 0:

@@ -135,19 +135,27 @@ class BaseMoEModel(nn.Module):
         expert_bias=None,
         return_hidden: bool = False,
         last_only: bool = False,
+        exit_layer: int | None = None,
     ):
         """input_ids (B, T). `kv_caches` from `allocate_kv_cache`: the T tokens sit at
         positions [pos, pos+T). `attn_mask` (bool, True = attend) broadcastable to
         (B, 1, T, pos+T) overrides the causal mask. `expert_bias` (E,) or (L, E) biases
-        expert selection."""
+        expert selection. `exit_layer` i with `targets`: also return `exit_loss`, the
+        cross-entropy of the final norm and LM head read at block i's output (the
+        early-exit training loss, LayerSkip-style)."""
         B, T = input_ids.shape
         if pos + T > self.config.max_seq_len:
             raise ValueError(
                 f"sequence end {pos + T} exceeds max_seq_len {self.config.max_seq_len}"
             )
         cos, sin = self.rope_cos[pos : pos + T], self.rope_sin[pos : pos + T]
+        if exit_layer is not None and not 0 <= exit_layer < self.config.n_layers - 1:
+            raise ValueError(
+                f"exit_layer must be an intermediate block in [0, "
+                f"{self.config.n_layers - 2}], got {exit_layer}"
+            )
         x = self.embed(input_ids)
-        routers = []
+        routers, x_exit = [], None
         for i, layer in enumerate(self.layers):
             cache = kv_caches[i] if kv_caches is not None else None
             bias = (
@@ -162,6 +170,8 @@ class BaseMoEModel(nn.Module):
             else:
                 x, r = layer(x, cos, sin, cache, pos, attn_mask, bias)
             routers.append(r)
+            if i == exit_layer:
+                x_exit = x
         h = self.norm(x)
         if last_only:  # generation needs only the last position's logits
             h = h[:, -1:]
@@ -192,6 +202,12 @@ class BaseMoEModel(nn.Module):
             out["aux_loss"] = (
                 self.config.load_balance_coef * lb + self.config.router_z_coef * z
             )
+            if x_exit is not None:
+                out["exit_loss"] = F.cross_entropy(
+                    F.linear(self.norm(x_exit), head).flatten(0, 1).float(),
+                    targets.flatten(),
+                    ignore_index=-100,
+                )
         return out
 
     @torch.no_grad()

@@ -37,6 +37,7 @@ FLAG_FIELDS = {
     "use_8bit_optimizer": "train.use_8bit_optimizer",
     "mixed_precision": "train.mixed_precision",
     "seed": "train.seed",
+    "early_exit_loss": "train.early_exit_loss",
     "val_split": "train.val_split",
     "num_threads": "train.num_threads",
     "seq_len": "model.max_seq_len",
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="context length (model.max_seq_len)")
     p.add_argument("--vocab-size", type=int, help="tokenizer vocabulary to train")
     p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--early-exit-loss", type=float,
+        help="weight of a LayerSkip-style loss at one intermediate block per step",
+    )  # fmt: skip
     p.add_argument("--num-threads", type=int, help="torch CPU threads per process")
     p.add_argument("--gradient-checkpointing", action="store_true", default=None)
     p.add_argument("--use-8bit-optimizer", action="store_true", default=None)

@@ -361,8 +361,15 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
     t_log, tokens_since_log, loss_sum, loss_n = time.time(), 0, 0.0, 0
     model.train()
     stop_reason = "completed"
+    n_exits, accum = cfg.model.n_layers - 1, tc.gradient_accumulation_steps
+    exit_sums, exit_counts = {}, {}
     while meta["step"] < total_steps:
         step_loss = torch.zeros((), device=acc.device)
+        step_exit = torch.zeros((), device=acc.device)
+        # early-exit loss: one intermediate block per step, rotating (resume-exact)
+        exit_layer = None
+        if tc.early_exit_loss > 0 and n_exits > 0:
+            exit_layer = meta["step"] % n_exits
         for x, y in sampler.next_batches(
             global_batch,
             tc.gradient_accumulation_steps,
@@ -372,7 +379,7 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
             x, y = x.to(acc.device), y.to(acc.device)
             with acc.accumulate(model):
                 with acc.autocast():
-                    out = model(x, targets=y)
+                    out = model(x, targets=y, exit_layer=exit_layer)
                 # Balance statistics over the global batch (exact across ranks).
                 counts = acc.reduce(out["expert_counts"].detach(), "sum")
                 lb = torch.stack(
@@ -385,6 +392,9 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                     cfg.model.load_balance_coef * lb
                     + cfg.model.router_z_coef * out["router_z_loss"]
                 )
+                if exit_layer is not None:
+                    loss = loss + tc.early_exit_loss * out["exit_loss"]
+                    step_exit += out["exit_loss"].detach() / accum
                 routing.update(counts, out["router_entropy"], lb, out["router_z_loss"])
                 acc.backward(loss)
                 if acc.sync_gradients and tc.grad_clip > 0:
@@ -397,6 +407,10 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
         meta["tokens"] += step_tokens
         tokens_since_log += step_tokens
         step_loss = acc.reduce(step_loss, "mean").item()
+        if exit_layer is not None:
+            v = acc.reduce(step_exit, "mean").item()
+            exit_sums[exit_layer] = exit_sums.get(exit_layer, 0.0) + v
+            exit_counts[exit_layer] = exit_counts.get(exit_layer, 0) + 1
         loss_sum, loss_n = loss_sum + step_loss, loss_n + 1
         bar.update(1)
         if meta["step"] % tc.log_every == 0 or meta["step"] == total_steps:
@@ -413,6 +427,11 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                 "tokens_per_s": tokens_since_log / dt,
                 "time": time.time() - t_start,
             }
+            if exit_counts:  # mean early-exit CE per block since the last record
+                rec["exit_loss"] = {
+                    str(i): exit_sums[i] / exit_counts[i] for i in sorted(exit_counts)
+                }
+                exit_sums, exit_counts = {}, {}
             log(rec)
             bar.set_postfix(
                 loss=f"{rec['loss']:.3f}",
