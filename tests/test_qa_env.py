@@ -192,6 +192,24 @@ def test_reward_terms_by_hand():
     assert t.all_outcomes().shape == (2, 16)
 
 
+def test_split_and_policy_summary():
+    t = _table()
+    big = t.subset(torch.arange(10) % 2)  # 10 rows alternating the two questions
+    rest, val = big.split(0.3, seed=0)
+    assert (len(rest), len(val)) == (7, 3)
+    assert torch.equal(big.split(0.3, seed=0)[1].category, val.category)  # seeded
+    counts = torch.bincount(torch.cat([rest.category, val.category]))
+    assert counts.tolist() == torch.bincount(big.category).tolist()
+    with pytest.raises(ValueError, match="in \\(0, 1\\)"):
+        big.split(1.0)
+    R = t.all_outcomes()
+    best = ALL_ACTIONS[R.argmax(1)]
+    s = t.policy_summary(best)
+    assert s["reward"] == pytest.approx(s["oracle"]) and s["gain"] == pytest.approx(1)
+    s = t.policy_summary(torch.tensor([[0.0, 1, 1, 0]] * 2))
+    assert s["reward"] == pytest.approx(s["always_retrieve"]) and s["gain"] == 0
+
+
 def test_config_index_and_env_protocol():
     assert config_index(ALL_ACTIONS).tolist() == [
         (int(a[1]) + 2 * int(a[2])) * 2 + int(a[0]) for a in ALL_ACTIONS

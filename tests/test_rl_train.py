@@ -277,7 +277,7 @@ def test_cli_trains_and_saves_with_an_env(tmp_path, monkeypatch, capsys):
          "--out", str(out), "--seed", "3", "--ent-coef", "0.02", "--no-anneal-lr",
          "--set", "d_model=32", "--set", "n_layers=1", "--set", "state_dim=8"]
     )  # fmt: skip
-    assert calls == [(str(ckpt), "train", 3)]
+    assert calls == [(str(ckpt), "train", 0)]  # --table-seed, not PPO's --seed
     assert len(hist) == 2 and hist[0]["lr"] == hist[1]["lr"] == 3e-4
     enc, ctl, cfg, extra = load_controller(str(out / "controller"))
     assert cfg.d_model == 32 and cfg.query_dim == BanditEnv.query_dim

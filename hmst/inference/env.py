@@ -54,6 +54,7 @@ ALL_ACTIONS = torch.tensor(
     [[(a >> i) & 1 for i in range(4)] for a in range(16)], dtype=torch.float32
 )  # (16, 4) in DECISIONS order
 REFERENCE = torch.tensor([0.0, 1.0, 1.0, 1.0])  # do everything, no early exit
+ALWAYS_RETRIEVE = torch.tensor([0.0, 1.0, 1.0, 0.0])  # both memories, nothing else
 
 
 def config_index(actions_N4: torch.Tensor) -> torch.Tensor:
@@ -85,6 +86,43 @@ class OutcomeTable:
 
     def __len__(self) -> int:
         return len(self.category)
+
+    def subset(self, rows: torch.Tensor) -> "OutcomeTable":
+        """The table of these rows (questions) only."""
+        return OutcomeTable(
+            **{k: getattr(self, k)[rows] for k in self.FIELDS},
+            critic_threshold=self.critic_threshold,
+        )
+
+    def split(self, fraction: float, seed: int = 0):
+        """(rest, held-out): a seeded random `fraction` of the questions held out,
+        for choosing PPO settings without the test table."""
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"validation fraction must be in (0, 1), got {fraction}")
+        n_val = round(len(self) * fraction)
+        if not 0 < n_val < len(self):
+            raise ValueError(f"{len(self)} questions are too few to hold {fraction}")
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        return self.subset(perm[n_val:].sort().values), self.subset(
+            perm[:n_val].sort().values
+        )
+
+    def policy_summary(self, actions_N4: torch.Tensor) -> dict:
+        """Mean reward of taking `actions` on every row, next to always-retrieve's
+        and the oracle's (the best of the 16 action sets per row), and the share of
+        the oracle's gain over always-retrieve that `actions` reach. Rewards are
+        normalised by this table's own do-everything reference."""
+        rows = torch.arange(len(self))
+        reward = float(self.outcome(rows, actions_N4)["reward"].mean())
+        always = ALWAYS_RETRIEVE.expand(len(self), 4)
+        base = float(self.outcome(rows, always)["reward"].mean())
+        oracle = float(self.all_outcomes().max(1).values.mean())
+        return dict(
+            reward=reward,
+            always_retrieve=base,
+            oracle=oracle,
+            gain=(reward - base) / (oracle - base) if oracle > base else None,
+        )
 
     def save(self, path: str, meta: dict) -> None:
         tmp = f"{path}.tmp"

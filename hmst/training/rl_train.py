@@ -417,6 +417,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--per-category", type=int, default=400,
         help="questions per category in the outcome table (built once, cached)",
     )  # fmt: skip
+    p.add_argument(
+        "--table-seed", type=int, default=0,
+        help="seed of the questions sampled into the outcome table (not PPO's --seed)",
+    )  # fmt: skip
+    p.add_argument(
+        "--val-fraction", type=float, default=None,
+        help="hold out this share of the questions (fixed split) and report the "
+        "deterministic policy's reward on them: for choosing PPO settings",
+    )  # fmt: skip
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument(
         "--set", type=field_value, action="append", metavar="FIELD=VALUE",
@@ -441,6 +450,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         fail(f"--episodes must be positive, got {args.episodes}")
     if not os.path.isdir(args.checkpoint):
         fail(f"checkpoint not found: {args.checkpoint}")
+    if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
+        fail(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
     return args
 
 
@@ -451,13 +462,32 @@ def ppo_config(args) -> PPOConfig:
     )
 
 
+@torch.no_grad()
+def validate(table, encoder, controller) -> dict:
+    """The deterministic policy on every question of an OutcomeTable, next to
+    always-retrieve and the oracle (`OutcomeTable.policy_summary`)."""
+    encoder.eval()
+    controller.eval()
+    actions, *_ = controller.act(table.qfeat, encoder(table.features), True)
+    return {"questions": len(table), **table.policy_summary(actions)}
+
+
 def run(args, log=print) -> list[dict]:
     from hmst.inference.env import load_env  # lazily: it loads the LM and memories
 
     cfg = ppo_config(args)
     env = load_env(
-        args.checkpoint, split=args.split, seed=cfg.seed, per_category=args.per_category
+        args.checkpoint,
+        split=args.split,
+        seed=args.table_seed,
+        per_category=args.per_category,
     )
+    val = None
+    if args.val_fraction is not None:  # a fixed split: every PPO seed sees the same
+        from hmst.inference.env import QAEnv
+
+        rest, val = env.table.split(args.val_fraction, seed=0)
+        env = QAEnv(rest, env.episode_len)
     ccfg = ControllerConfig.from_dict(
         {
             **dict(args.set or []),
@@ -471,6 +501,13 @@ def run(args, log=print) -> list[dict]:
     metrics_path = os.path.join(out_dir, METRICS_FILE)
     encoder, controller, history = train_ppo(env, cfg, ccfg, log, metrics_path)
     extra = {"ppo": asdict(cfg), "history_last": history[-1], "metrics": METRICS_FILE}
+    if val is not None:
+        extra["validation"] = v = validate(val, encoder, controller)
+        log(
+            f"validation ({v['questions']} held-out questions): reward "
+            f"{v['reward']:.4f} | always-retrieve {v['always_retrieve']:.4f} | oracle "
+            f"{v['oracle']:.4f} | {100 * v['gain']:.1f}% of the oracle's gain"
+        )
     path = os.path.join(out_dir, "controller")
     save_controller(path, encoder, controller, ccfg, extra)
     if os.path.isfile(os.path.join(out_dir, "manifest.json")):
