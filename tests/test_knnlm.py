@@ -237,6 +237,23 @@ def test_cli_bad_inputs(tmp_path):
     assert not os.path.exists(tmp_path / "o")
 
 
+def test_cli_unknown_key_is_one_line(tmp_path, tokenizer, corpus_text):
+    from hmst.checkpoint import save_model_dir
+
+    save_model_dir(
+        str(tmp_path / "ckpt"), BaseMoEModel(config=tiny_config()), tokenizer
+    )
+    (tmp_path / "corpus.txt").write_text(corpus_text[:5_000])
+    r = _cli(
+        "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "o"),
+        "--data", str(tmp_path / "corpus.txt"), "--key", "block2",
+    )  # fmt: skip
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "key type 'block2' is not one of" in lines[0]
+    assert not os.path.exists(tmp_path / "o")
+
+
 def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, tokenizer, corpus_text):
     from hmst.checkpoint import save_model_dir
 
@@ -247,12 +264,14 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(tmp_path, tokenizer, corpus_text):
     r = _cli(
         "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "o"),
         "--data", str(tmp_path / "corpus.txt"), "--k", "16", "--num-threads", "1",
+        "--key", "block0",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "held-out test ppl without memory" in r.stdout
     with open(tmp_path / "o" / "knn_params.json") as f:
         params = json.load(f)
     assert params["model_hash"] == model_fingerprint(model)
+    assert params["key_type"] == "block0"
     assert 0.0 <= params["params"]["lam"] < 1.0 and params["params"]["k"] <= 16
     # tuned on the tuning slice: never worse there than the LM alone (lam = 0 is in
     # the grid); the test slice is reported, whatever it is
