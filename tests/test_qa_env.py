@@ -230,3 +230,50 @@ def test_sft_batch_trains_only_the_answer():
     assert ids.tolist() == [[5, 6, 7, 8, 9], [5, 3, 0, 0, 0]]
     # position t predicts token t + 1: only the answer tokens are targets
     assert tgt.tolist() == [[-100, -100, 8, 9, -100], [3, -100, -100, -100, -100]]
+
+
+def test_build_table_times_each_configuration_as_a_median():
+    from types import SimpleNamespace
+
+    from hmst.inference.env import build_table
+
+    class FakeEngine:
+        """Answers right with deterministic outcomes; wall times vary per call."""
+
+        def __init__(self):
+            self.model = SimpleNamespace(
+                config=SimpleNamespace(n_layers=2, num_params=lambda active: 10)
+            )
+            self.critic = (torch.nn.Linear(2, 1), None)
+            self.config = SimpleNamespace(critic_threshold=0.5)
+            self.calls = 0
+
+        def clear_episodic(self):
+            pass
+
+        def remember(self, text):
+            pass
+
+        def state_features(self, question):
+            probe = dict(router=torch.full((2,), 0.5))
+            return torch.zeros(4), torch.zeros(3), {}, probe
+
+        def answer(self, question, decisions):
+            self.calls += 1
+            wall = [0.5, 0.1, 0.2][(self.calls - 1) % 3]  # median 0.2, first 0.5
+            return SimpleNamespace(
+                raw_answer="Paris", critic=dict(score=0.9, tokens=4),
+                lm_confidence=0.7, prompt_tokens=5, exit_layers=[1],
+                blocks_per_token=2.0,
+                timings=dict(probe=9.0, generate=wall, critic=wall / 10),
+            )  # fmt: skip
+
+    fact = SimpleNamespace(question="Where?", answer="Paris")
+    engine = FakeEngine()
+    t = build_table(engine, [("known", fact, [])], log=None, timing_repeats=3)
+    assert engine.calls == 8 * 3
+    assert torch.allclose(t.latency, torch.full((1, 8), 0.2))  # probe excluded
+    assert torch.allclose(t.critic_latency, torch.full((1, 8), 0.02))
+    assert t.correct.all() and torch.allclose(t.first_p, torch.full((1, 8), 0.7))
+    with pytest.raises(ValueError, match="timing_repeats"):
+        build_table(FakeEngine(), [("known", fact, [])], log=None, timing_repeats=0)
