@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from hmst.inference.env import ALL_ACTIONS, load_table
+from hmst.inference.env import ALL_ACTIONS, ALWAYS_RETRIEVE, load_table
 from hmst.inference.engine import FEATURES
 from hmst.models.meta_controller import DECISIONS, load_controller
 from hmst.qa import CATEGORIES
@@ -43,8 +43,8 @@ def fixed(bits) -> torch.Tensor:
 
 @torch.no_grad()
 def controller_actions(table, encoder, controller) -> torch.Tensor:
-    out = controller(table.qfeat, encoder(table.features))
-    return torch.stack([(out[k] > 0.5).float() for k in DECISIONS], 1)
+    """The deterministic policy (act when p > 0.5), as rl_train validates it."""
+    return controller.act(table.qfeat, encoder(table.features), True)[0]
 
 
 def mean_terms(table, actions_N4) -> dict:
@@ -117,7 +117,7 @@ def main():
     rule = tune_threshold_rule(train)
     policies = {
         "never-retrieve": lambda t: fixed([0, 0, 0, 0]).expand(len(t), 4),
-        "always-retrieve": lambda t: fixed([0, 1, 1, 0]).expand(len(t), 4),
+        "always-retrieve": lambda t: ALWAYS_RETRIEVE.expand(len(t), 4),
         "do-everything": lambda t: fixed([0, 1, 1, 1]).expand(len(t), 4),
         "threshold rule": lambda t: threshold_actions(t, rule),
         "PPO controller": lambda t: controller_actions(t, encoder, controller),
@@ -153,9 +153,9 @@ def main():
             + f"{float(ppo_r[m].mean()):>8.3f}{float(best.values[m].mean()):>8.3f}"
             + f"{100 * float(ee):>10.1f}%"
         )
-    ppo, always = rows["PPO controller"]["reward"], rows["always-retrieve"]["reward"]
-    oracle = rows["oracle"]["reward"]
-    gain = (ppo - always) / (oracle - always) if oracle > always else float("nan")
+    summary = test.policy_summary(acts)  # the gain, as rl_train --val-fraction
+    ppo, always, oracle = (summary[k] for k in ("reward", "always_retrieve", "oracle"))
+    gain = summary["gain"] if summary["gain"] is not None else float("nan")
     everything = rows["do-everything"]["reward"]
     gain_all = (ppo - everything) / (oracle - everything)
     print(f"\nPPO gain over always-retrieve: {100 * gain:.1f}% of the oracle's "

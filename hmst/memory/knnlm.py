@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from hmst.checkpoint import write_dir_atomic
 
-KEY_TYPES = ("final", "prenorm", "ffn_input", "block<i>")
+NAMED_KEYS = ("final", "prenorm", "ffn_input")
+KEY_TYPES = (*NAMED_KEYS, "block<i>")
 """final: the normed hidden state the LM head reads (`return_hidden=True`); prenorm:
 the residual stream before that norm; ffn_input: the last block's normed MoE input
 (the paper's best key); block<i> (block0, block1, ...): the residual stream after
@@ -36,7 +37,7 @@ stream is the best key (BENCHMARKS.md, kNN-LM)."""
 
 def _block_index(key_type: str, n_layers: int) -> int | None:
     """i for a valid "block<i>" key type, None for the named ones; ValueError else."""
-    if key_type in KEY_TYPES[:3]:
+    if key_type in NAMED_KEYS:
         return None
     i = key_type[5:]
     if key_type.startswith("block") and i.isdigit() and int(i) < n_layers:
