@@ -5,7 +5,7 @@ vocab 8192), random weights (speed does not depend on them), greedy, prompt 32 t
 128 new (HF forced to full length by min_new_tokens), batch 1 and 8, 1 thread.
 
 Peers, each timed in the same process, interleaved, median over rounds:
-  hmst            fp32, `fast_logits` + column-major weights (`prepare_for_inference`)
+  hmst            fp32, `fast_logits` + small-row matmuls (`prepare_for_inference`)
   hmst-reference  fp32, the model's own forward (the plain path, for comparison)
   hmst-int8       `--quantize int8` (dynamic int8 Linear layers, fp32 router)
   hmst-compile    with --compile: torch.compile(fast_logits, dynamic=True) (measured

@@ -7,10 +7,11 @@ validation text (per layer: max/mean load, smallest expert share).
 Targets (issue #2): MoE val perplexity >= 5% lower; max/mean <= 1.5 and no expert under
 2% of tokens in every layer.
 
-    python bench/bench_moe_vs_dense.py [--steps 200] [--threads 1]
+    python bench/bench_moe_vs_dense.py [--steps 200] [--threads 1] [--balance-bias RATE]
 """
 
 import argparse
+import dataclasses
 import json
 import sys
 
@@ -37,15 +38,25 @@ def main():
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
+    p.add_argument(
+        "--balance-bias",
+        type=float,
+        metavar="RATE",
+        help="the MoE's balance_bias_rate (auxiliary-loss-free balancing; default: "
+        "the micro preset's)",
+    )
     args = p.parse_args()
     print("command: python " + " ".join(sys.argv), flush=True)
     torch.set_num_threads(args.threads)
     cfg = get_micro_config().model
+    if args.balance_bias is not None:
+        cfg = dataclasses.replace(cfg, balance_bias_rate=args.balance_bias)
+    print(f"MoE balance_bias_rate {cfg.balance_bias_rate}", flush=True)
     tok, train, val = prepare_corpus(cfg.vocab_size)
     torch.manual_seed(0)
     moe = BaseMoEModel(config=cfg)
     torch.manual_seed(0)
-    dense = build_dense(cfg)
+    dense = build_dense(dataclasses.replace(cfg, balance_bias_rate=0.0))
     n_moe = sum(p.numel() for p in moe.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
     kw = dict(batch=args.batch, lr=args.lr, warmup=args.warmup)

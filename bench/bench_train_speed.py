@@ -44,7 +44,7 @@ class Peer:
 
     def step(self, x, y):
         t = time.process_time()
-        _, loss = self.loss_fn(self.model, x, y)
+        _, loss, *_ = self.loss_fn(self.model, x, y)
         loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)

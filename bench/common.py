@@ -91,7 +91,7 @@ def build_mixtral(cfg: ModelConfig, impl: str, router_logits: bool = True):
 
 def hmst_loss(model, x, y):
     out = model(x, targets=y)
-    return out["loss"], out["loss"] + out["aux_loss"]
+    return out["loss"], out["loss"] + out["aux_loss"], out["expert_counts"]
 
 
 def mixtral_loss(model, x, y):
@@ -180,10 +180,12 @@ class Trainee:
         self.model.train()
         t = time.process_time()
         x, y = self.sampler.next_batches(self.batch, 1, 0, 1)[0]
-        ce, total = self.loss_fn(self.model, x, y)
+        ce, total, *counts = self.loss_fn(self.model, x, y)
         total.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
+        if counts:  # an hmst model: its balance bias (if it uses one)
+            self.model.update_balance_bias(counts[0])
         self.opt.zero_grad(set_to_none=True)
         self.sched.step()
         self.cpu_s += time.process_time() - t

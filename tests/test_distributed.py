@@ -8,11 +8,15 @@ import sys
 import time
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from conftest import CORPUS, ROOT, TINY_FLAGS
 
 pytestmark = pytest.mark.slow
+# balance bias on: its updates must resume exactly and agree across ranks too
 STEPS = ["--val-split", "0.1", "--max-steps", "8", "--eval-every", "4"]
+STEPS += ["--set", "model.balance_bias_rate=0.05"]
 TORCHRUN = [
     sys.executable,
     "-m",
@@ -102,6 +106,13 @@ def test_two_processes_match_one(straight):
     with open(os.path.join(out[2], "metrics.jsonl")) as f:
         steps = [r["step"] for r in map(json.loads, f) if r.get("kind") == "train"]
     assert steps == list(range(1, 9))  # rank 0 alone writes: no duplicate records
+    biases = [
+        load_file(os.path.join(out[n], "last", "model.safetensors")) for n in (1, 2)
+    ]
+    keys = [k for k in biases[0] if k.endswith("balance_bias")]
+    assert len(keys) == 2 and any(biases[0][k].abs().max() > 0.01 for k in keys)
+    for key in keys:  # moved by the step's loads, alike on 1 and 2 processes
+        torch.testing.assert_close(biases[0][key], biases[1][key])
 
 
 def test_idle_experts_do_not_hang_ddp(tmp_path):

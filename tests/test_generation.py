@@ -6,10 +6,12 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from conftest import tiny_config
 from hmst.generation import SamplingParams, generate_stream
 from hmst.generation import text as text_mod
+from hmst.generation import fast_forward
 from hmst.generation.fast_forward import (
     fast_logits,
     prepare_for_inference,
@@ -24,6 +26,23 @@ def _model(**kw):
     return BaseMoEModel(config=tiny_config(**kw)).eval()
 
 
+@pytest.mark.parametrize("out_f,in_f", [(96, 32), (32, 64), (32, 32)])
+def test_small_matmul_equals_linear(out_f, in_f, monkeypatch):
+    """Every row count, wide and narrow weights, contiguous or transposed input."""
+    monkeypatch.setattr(fast_forward, "MIN_NUMEL", 0)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(out_f, in_f, generator=g)
+    rows = fast_forward.transposed_rows(w)
+    assert rows == (16 if out_f >= 2 * in_f else 4)
+    assert fast_forward.transposed_rows(w.t().contiguous().t()) == 0  # column-major
+    for M in range(1, 21):
+        x = torch.randn(M, in_f, generator=g)
+        for inp in (x, x.t().contiguous().t()):
+            y = fast_forward.small_matmul(inp, w, rows)
+            assert y.shape == (M, out_f)
+            torch.testing.assert_close(y, F.linear(x, w), atol=1e-5, rtol=1e-5)
+
+
 def _pad_left(prompts):
     T = max(map(len, prompts))
     ids = torch.zeros(len(prompts), T, dtype=torch.long)
@@ -35,14 +54,16 @@ def _pad_left(prompts):
 
 
 @pytest.mark.parametrize("prepared", [False, True])
-def test_cached_decoding_matches_full_recompute(prepared):
+def test_cached_decoding_matches_full_recompute(prepared, monkeypatch):
     """Left-padded batch, prefill + 1-token steps through `fast_logits` vs the
     reference forward of each row's whole unpadded sequence, at every step."""
     model = _model(max_seq_len=64, init_std=0.2)
     ref_model = copy.deepcopy(model)  # the full recompute uses the plain model
-    if prepared:  # column-major weights: same values, another layout
+    if prepared:  # small-row matmuls transposed, even for these tiny weights
+        monkeypatch.setattr(fast_forward, "MIN_NUMEL", 0)
         model = prepare_for_inference(model)
-        assert not model.layers[0].moe.experts[0].w13.weight.is_contiguous()
+        assert model.layers[0].moe.experts[0].w13.rows == 16 and model.head_rows == 16
+        assert model.layers[0].moe.experts[0].w2.rows == 4
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 4, 13)]
     ids, valid = _pad_left(prompts)

@@ -121,10 +121,45 @@ def test_expert_bias_changes_routing():
     assert (counts[:, 3] == 16).all()  # every token picks the favoured expert
 
 
+def test_balance_bias_update_and_routing(tmp_path):
+    """Aux-loss-free balancing: the update follows the sign rule and stays centred;
+    the bias picks experts (fast path == forward) but never weighs them; it is saved
+    only when the model uses it."""
+    from hmst.generation.fast_forward import fast_logits
+
+    model = BaseMoEModel(config=tiny_config(balance_bias_rate=0.1)).eval()
+    counts = torch.tensor([[10, 0, 5, 5], [4, 4, 4, 4]])
+    model.update_balance_bias(counts)
+    b0, b1 = (layer.moe.router.balance_bias for layer in model.layers)
+    torch.testing.assert_close(b0, torch.tensor([-0.1, 0.1, 0.0, 0.0]))
+    torch.testing.assert_close(b1, torch.zeros(4))  # balanced: unchanged
+    x = torch.randint(0, 300, (1, 16))
+    plain = model(x)
+    b1.copy_(torch.tensor([0.0, 0.0, 50.0, 0.0]))
+    out = model(x)
+    assert (out["expert_counts"][1, 2] == 16).all()  # every token picks expert 2
+    assert not torch.equal(out["logits"], plain["logits"])
+    torch.testing.assert_close(out["router_probs"][0], plain["router_probs"][0])
+    caches = model.allocate_kv_cache(1, 16)
+    torch.testing.assert_close(
+        fast_logits(model, x, caches, 0), out["logits"][:, -1], atol=1e-5, rtol=1e-5
+    )
+    assert "layers.1.moe.router.balance_bias" in model.state_dict()
+    model.save_pretrained(str(tmp_path))
+    loaded = BaseMoEModel.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(loaded.layers[1].moe.router.balance_bias, b1)
+    off = BaseMoEModel(config=tiny_config())
+    assert not any("balance_bias" in k for k in off.state_dict())
+    off.update_balance_bias(counts)  # rate 0: a no-op
+    assert not off.layers[0].moe.router.balance_bias.any()
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="divisible"):
         tiny_config(d_model=30)
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         tiny_config(num_experts_per_tok=5)
+    with pytest.raises(ValueError, match="balance_bias_rate"):
+        tiny_config(balance_bias_rate=-1.0)
     with pytest.raises(ValueError, match="unknown model size"):
         get_config("huge")

@@ -48,6 +48,9 @@ class ModelConfig:
     """Weight of the Switch load-balancing loss in the training objective."""
     router_z_coef: float = 1e-3
     """Weight of the router z-loss (ST-MoE) in the training objective."""
+    balance_bias_rate: float = 0.0
+    """Auxiliary-loss-free balancing (DeepSeek-V3): after each training step every
+    expert's selection bias moves by this much toward an even load (0 disables it)."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
     tie_embeddings: bool = True
@@ -70,6 +73,10 @@ class ModelConfig:
         for name in ("vocab_size", "d_model", "n_layers", "d_ff", "max_seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.balance_bias_rate < 0:
+            raise ValueError(
+                f"balance_bias_rate must be >= 0, got {self.balance_bias_rate}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 

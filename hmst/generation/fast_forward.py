@@ -10,9 +10,10 @@ fp32 (prefill and decode, padded or not). It also uses the int8 head made by
 router modules do not fire here (attention and expert hooks do): routing is observed
 through the explicit `tap` argument instead (see `hmst.observe.tap`).
 
-`prepare_for_inference` re-lays every Linear weight (and the tied head) column-major:
-the values are unchanged, but MKL's small-batch fp32 kernels read an (in, out) matrix
-up to ~1.8x faster than an (out, in) one (1 row x 256->2048: 109 vs 173 us here).
+`prepare_for_inference` makes every Linear (and the tied head) take the fastest of two
+equal formulations of its matmul on CPU, by row count and weight shape (`small_matmul`):
+MKL's fp32 kernels for a few rows times a wide weight are far from the memory bandwidth
+they need, and which call is fastest depends on the layout (see `small_matmul`).
 
 Shape legend: B batch, T new tokens, D d_model, V vocab, E experts, K experts per token.
 """
@@ -23,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hmst.models.moe import grouped_experts
+from hmst.models.moe import grouped_experts, select_experts
 
 
 def _moe(moe, x_BTD: torch.Tensor, bias_E=None, tap=None, layer=0) -> torch.Tensor:
@@ -32,14 +33,7 @@ def _moe(moe, x_BTD: torch.Tensor, bias_E=None, tap=None, layer=0) -> torch.Tens
     B, T, D = x_BTD.shape
     x_TD = x_BTD.reshape(B * T, D)
     router = moe.router
-    logits_TE = F.linear(x_TD.float(), router.gate.weight.float())
-    probs_TE = logits_TE.softmax(dim=-1)
-    if bias_E is None:
-        gates_TK, topk_idx_TK = probs_TE.topk(router.top_k, dim=-1)
-    else:
-        topk_idx_TK = (logits_TE + bias_E).topk(router.top_k, dim=-1).indices
-        gates_TK = probs_TE.gather(1, topk_idx_TK)
-    gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+    logits_TE, _, topk_idx_TK, gates_TK = select_experts(router, x_TD, bias_E)
     if tap is not None:
         tap.route(layer, logits_TE, topk_idx_TK, gates_TK, bias_E)
     if B * T == 1:  # one token (batch-1 decoding): its K experts, no sort/scatter
@@ -59,7 +53,8 @@ def head_logits(model, h_BD: torch.Tensor) -> torch.Tensor:
     if q_head is not None:
         return q_head(h_BD)
     if model.config.tie_embeddings:
-        return F.linear(h_BD, model.embed.weight)
+        rows = getattr(model, "head_rows", 0)  # set by prepare_for_inference
+        return small_matmul(h_BD, model.embed.weight, rows)
     return model.lm_head(h_BD)
 
 
@@ -106,6 +101,58 @@ def reference_logits(
 BACKENDS = {"fast": fast_logits, "reference": reference_logits}
 
 
+# Weights smaller than this (elements) always take `F.linear`.
+MIN_NUMEL = 1 << 16
+
+
+def transposed_rows(w_OI: torch.Tensor) -> int:
+    """Up to how many rows `small_matmul` computes `x @ w.T` transposed for this
+    weight (0: never): CPU fp32 row-major weights of at least MIN_NUMEL elements,
+    16 rows when wide (out >= 2 * in), else 4."""
+    if (
+        w_OI.device.type != "cpu"
+        or w_OI.dtype != torch.float32
+        or w_OI.stride(1) != 1
+        or w_OI.numel() < MIN_NUMEL
+    ):
+        return 0
+    return 16 if w_OI.shape[0] >= 2 * w_OI.shape[1] else 4
+
+
+def small_matmul(x_MI: torch.Tensor, w_OI: torch.Tensor, rows: int) -> torch.Tensor:
+    """`F.linear(x, w)` (no bias) in the form MKL runs fastest for a few rows M, with
+    `rows = transposed_rows(w)`.
+
+    Measured at 1 thread with the weights streamed from memory (BENCHMARKS.md): for
+    M <= `rows`, `(w @ x.T).T` (a gemm against M columns) is 1.3-3x faster than
+    `F.linear` (256 -> 2048 at M=2: 90 vs 196 us; 1024 -> 256 at M=2: 50 vs 83 us; the
+    256 -> 8192 head at M=8: 702 vs 1035 us). A single row against a wide weight is
+    duplicated into two columns (MKL's one-column path is its slow row-major gemv: 99
+    vs 171 us); against a narrow one F.linear is as fast. The M columns must be `x.T`
+    of a contiguous x (a row-major (in, M) operand is 2-4x slower), so a transposed
+    input, such as the previous layer's result, is copied first (M x in: cheap)."""
+    M = x_MI.shape[0]
+    x_MI = x_MI.contiguous()
+    if M > rows or (M == 1 and rows < 16):
+        return F.linear(x_MI, w_OI)
+    if M == 1:
+        return (w_OI @ x_MI.expand(2, -1).contiguous().t())[:, :1].t()
+    return (w_OI @ x_MI.t()).t()
+
+
+class FastLinear(nn.Linear):
+    """An `nn.Linear` whose forward is `small_matmul` (same weights and state dict).
+    Made by `prepare_for_inference`, which sets `rows`."""
+
+    rows = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2:
+            return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+        y = small_matmul(x, self.weight, self.rows)
+        return y if self.bias is None else y + self.bias
+
+
 def _column_major(w: torch.Tensor) -> torch.Tensor:
     """Same (out, in) shape and values, stored transposed (in, out) in memory."""
     return w.t().contiguous().t()
@@ -113,11 +160,25 @@ def _column_major(w: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def prepare_for_inference(model) -> nn.Module:
-    """Eval mode, gradients off and Linear weights (plus the tied head) laid out
-    column-major for faster small-batch matmuls. In place; returns the model. Only for
-    models that will not be trained or saved afterwards (the weights are views)."""
+    """Eval mode, gradients off, and the fastest CPU matmul form for each Linear. In
+    place; returns the model; int8-quantized layers keep their own kernels.
+
+    Expert and head weights (and any other plain Linear) become `FastLinear`s: they
+    see a varying few rows (1 to ~4 per expert when decoding a batch of 8), where
+    `small_matmul` pays. Attention projections see exactly the batch size in rows; for
+    them a column-major copy under plain `F.linear` is as fast or faster at 1 and 8
+    rows (256 -> 256: 16 vs 22 us at 1 row), so they are re-laid out instead (the
+    weights are then views: save the model before, not after)."""
     model.eval().requires_grad_(False)
+    attn = {id(m) for block in model.layers for m in block.attn.modules()}
     for mod in model.modules():
-        if isinstance(mod, (nn.Linear, nn.Embedding)):
+        if type(mod) is not nn.Linear:
+            continue
+        if id(mod) in attn:
             mod.weight.data = _column_major(mod.weight.data)
+        else:
+            mod.__class__ = FastLinear
+            mod.rows = transposed_rows(mod.weight)
+    if model.config.tie_embeddings:
+        model.head_rows = transposed_rows(model.embed.weight)
     return model

@@ -14,7 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hmst.configs.model_config import ModelConfig
 from hmst.models.layers import Attention, KVCache, rope_tables
-from hmst.models.moe import MoE, load_balance_loss
+from hmst.models.moe import MoE, load_balance_loss, update_balance_bias
 
 
 class Block(nn.Module):
@@ -209,6 +209,13 @@ class BaseMoEModel(nn.Module):
                     ignore_index=-100,
                 )
         return out
+
+    def update_balance_bias(self, counts_LE: torch.Tensor) -> None:
+        """After an optimizer step: move the routers' balance biases by the step's
+        expert counts (L, E), global batch (no-op unless `balance_bias_rate` > 0)."""
+        if self.config.balance_bias_rate > 0:
+            routers = [layer.moe.router for layer in self.layers]
+            update_balance_bias(routers, counts_LE, self.config.balance_bias_rate)
 
     @torch.no_grad()
     def generate(self, input_ids, max_new_tokens: int = 50, **sampling):

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from hmst.configs.model_config import ModelConfig
 from hmst.models.layers import apply_rope
-from hmst.models.moe import grouped_experts
+from hmst.models.moe import grouped_experts, select_experts
 
 RULES = ("learned", "max_prob")
 NEVER = 2.0  # a threshold above any confidence: the model runs every block
@@ -180,9 +180,7 @@ def moe_forward(moe, x_TD: torch.Tensor) -> torch.Tensor:
     """`MoE.forward` without its statistics (same maths: fp32 router, top-k, grouped
     dispatch); every token is routed on its own, so any subset of rows may run."""
     router = moe.router
-    logits_TE = F.linear(x_TD.float(), router.gate.weight.float())
-    gates_TK, topk_idx_TK = logits_TE.softmax(dim=-1).topk(router.top_k, dim=-1)
-    gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+    _, _, topk_idx_TK, gates_TK = select_experts(router, x_TD)
     counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=router.n_experts)
     return grouped_experts(x_TD, topk_idx_TK, gates_TK, counts_E, moe.experts)
 

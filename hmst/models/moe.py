@@ -43,21 +43,37 @@ def load_balance_loss(
     return probs_mean_E.numel() * (f_E * probs_mean_E).sum()
 
 
+def select_experts(router: "Router", x_TD: torch.Tensor, expert_bias_E=None):
+    """The routing decision, shared by every forward path (training, decoding, early
+    exit): fp32 logits (T, E) and probabilities, the top-k experts by logits plus the
+    router's balance bias (plus `expert_bias_E`, e.g. the meta-controller's preference,
+    in log space), and the chosen experts' probabilities renormalised to sum to 1.
+    The biases decide which experts run, never how much each counts."""
+    logits_TE = F.linear(x_TD.float(), router.gate.weight.float())
+    probs_TE = logits_TE.softmax(dim=-1)
+    select_TE = logits_TE + router.balance_bias
+    if expert_bias_E is not None:
+        select_TE = select_TE + expert_bias_E
+    topk_idx_TK = select_TE.topk(router.top_k, dim=-1).indices
+    gates_TK = probs_TE.gather(1, topk_idx_TK)
+    return logits_TE, probs_TE, topk_idx_TK, gates_TK / gates_TK.sum(-1, keepdim=True)
+
+
 class Router(nn.Module):
-    def __init__(self, d_model: int, n_experts: int, top_k: int):
+    """Linear gate over the experts. `balance_bias` (E,), fp32: the auxiliary-loss-free
+    balancing bias (DeepSeek-V3), moved by `update_balance_bias` after each training
+    step; zeros and not saved when the model does not use it (`balance_bias_rate` 0)."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, balance=False):
         super().__init__()
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.n_experts, self.top_k = n_experts, top_k
+        self.register_buffer("balance_bias", torch.zeros(n_experts), persistent=balance)
 
     def forward(self, x_TD: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
-        logits_TE = F.linear(x_TD.float(), self.gate.weight.float())
-        probs_TE = logits_TE.softmax(dim=-1)
-        # `expert_bias_E` (e.g. the meta-controller's expert preference, added in log
-        # space) changes which experts are chosen, not the balance statistics.
-        select_TE = probs_TE if expert_bias_E is None else logits_TE + expert_bias_E
-        topk_idx_TK = select_TE.topk(self.top_k, dim=-1).indices
-        gates_TK = probs_TE.gather(1, topk_idx_TK)
-        gates_TK = gates_TK / gates_TK.sum(dim=-1, keepdim=True)
+        logits_TE, probs_TE, topk_idx_TK, gates_TK = select_experts(
+            self, x_TD, expert_bias_E
+        )
         counts_E = torch.bincount(topk_idx_TK.flatten(), minlength=self.n_experts)
         lse_T = torch.logsumexp(logits_TE, dim=-1)
         z_loss = lse_T.square().mean()
@@ -66,6 +82,19 @@ class Router(nn.Module):
         return RouterOutput(
             topk_idx_TK, gates_TK, probs_TE.mean(0), counts_E, z_loss, entropy
         )
+
+
+@torch.no_grad()
+def update_balance_bias(routers, counts_LE: torch.Tensor, rate: float) -> None:
+    """Auxiliary-loss-free load balancing (Wang et al. 2024, DeepSeek-V3): after a
+    training step, each layer's bias of an expert that got more than the mean share of
+    that step's assignments (`counts_LE`, summed over the global batch) goes down by
+    `rate`, one that got less goes up; biases are kept centred (top-k is unchanged by a
+    common shift)."""
+    for router, c_E in zip(routers, counts_LE.float()):
+        b = router.balance_bias
+        b.add_(rate * torch.sign(c_E.mean() - c_E).to(b))
+        b.sub_(b.mean())
 
 
 def grouped_experts(x_TD, topk_idx_TK, gates_TK, counts_E, experts: nn.ModuleList):
@@ -107,7 +136,12 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.router = Router(cfg.d_model, cfg.n_experts, cfg.num_experts_per_tok)
+        self.router = Router(
+            cfg.d_model,
+            cfg.n_experts,
+            cfg.num_experts_per_tok,
+            balance=getattr(cfg, "balance_bias_rate", 0.0) > 0,
+        )
         self.experts = nn.ModuleList(
             SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts)
         )

@@ -84,7 +84,8 @@ class ModelTap:
             overridden = None
             if bias_E is not None:  # would the router alone have chosen the same?
                 k = experts_NK.shape[1]
-                own_NK = logits_NE.topk(k, dim=-1).indices.sort(-1).values
+                own_NE = logits_NE + self.model.layers[layer].moe.router.balance_bias
+                own_NK = own_NE.topk(k, dim=-1).indices.sort(-1).values
                 overridden = (own_NK != experts_NK.sort(-1).values).any(-1).cpu()
             routing = {
                 "experts": experts_NK.cpu(),

@@ -366,6 +366,7 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
     while meta["step"] < total_steps:
         step_loss = torch.zeros((), device=acc.device)
         step_exit = torch.zeros((), device=acc.device)
+        step_counts = 0  # expert assignments of the global batch, summed over micro
         # early-exit loss: one intermediate block per step, rotating (resume-exact)
         exit_layer = None
         if tc.early_exit_loss > 0 and n_exits > 0:
@@ -396,6 +397,7 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                     loss = loss + tc.early_exit_loss * out["exit_loss"]
                     step_exit += out["exit_loss"].detach() / accum
                 routing.update(counts, out["router_entropy"], lb, out["router_z_loss"])
+                step_counts = step_counts + counts
                 acc.backward(loss)
                 if acc.sync_gradients and tc.grad_clip > 0:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), tc.grad_clip)
@@ -403,6 +405,7 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
                 optimizer.zero_grad(set_to_none=True)
             step_loss += out["loss"].detach() / tc.gradient_accumulation_steps
         sched.step()
+        acc.unwrap_model(model).update_balance_bias(step_counts)
         meta["step"] += 1
         meta["tokens"] += step_tokens
         tokens_since_log += step_tokens
