@@ -10,10 +10,10 @@ fp32 (prefill and decode, padded or not). It also uses the int8 head made by
 router modules do not fire here (attention and expert hooks do): routing is observed
 through the explicit `tap` argument instead (see `hmst.observe.tap`).
 
-`prepare_for_inference` makes every Linear (and the tied head) take the fastest of two
-equal formulations of its matmul on CPU, by row count and weight shape (`small_matmul`):
-MKL's fp32 kernels for a few rows times a wide weight are far from the memory bandwidth
-they need, and which call is fastest depends on the layout (see `small_matmul`).
+`prepare_for_inference` picks, per Linear, the fastest CPU form of its few-row matmuls
+(MKL's fp32 kernels for a few rows are far below the memory bandwidth they need, and
+which call is fastest depends on the layout): expert and head weights compute up to 16
+rows as `(W @ x.T).T` (`small_matmul`), attention projections are stored column-major.
 
 Shape legend: B batch, T new tokens, D d_model, V vocab, E experts, K experts per token.
 """
