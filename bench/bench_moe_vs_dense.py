@@ -8,6 +8,7 @@ Targets (issue #2): MoE val perplexity >= 5% lower; max/mean <= 1.5 and no exper
 2% of tokens in every layer.
 
     python bench/bench_moe_vs_dense.py [--steps 200] [--threads 1] [--balance-bias RATE]
+                                     [--seed 0]
 """
 
 import argparse
@@ -39,6 +40,12 @@ def main():
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="weight init seed (the batches' is 1337 + seed); both models share both",
+    )
+    p.add_argument(
         "--balance-bias",
         type=float,
         metavar="RATE",
@@ -53,13 +60,13 @@ def main():
         cfg = dataclasses.replace(cfg, balance_bias_rate=args.balance_bias)
     print(f"MoE balance_bias_rate {cfg.balance_bias_rate}", flush=True)
     tok, train, val = prepare_corpus(cfg.vocab_size)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     moe = BaseMoEModel(config=cfg)
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     dense = build_dense(dataclasses.replace(cfg, balance_bias_rate=0.0))
     n_moe = sum(p.numel() for p in moe.parameters())
     n_dense = sum(p.numel() for p in dense.parameters())
-    kw = dict(batch=args.batch, lr=args.lr, warmup=args.warmup)
+    kw = dict(batch=args.batch, lr=args.lr, warmup=args.warmup, seed=1337 + args.seed)
     peers = [
         Trainee("moe", moe, hmst_loss, train, cfg, **kw),
         Trainee("dense", dense, hmst_loss, train, cfg, **kw),
