@@ -154,6 +154,29 @@ def test_balance_bias_update_and_routing(tmp_path):
     assert not off.layers[0].moe.router.balance_bias.any()
 
 
+def test_optimizer_is_fused_and_equals_the_loop():
+    """build_optimizer takes torch's fused AdamW on CPU; a few steps equal the plain
+    per-tensor AdamW (the capability fallback) to float rounding."""
+    import copy
+
+    from hmst.training.optim import build_optimizer, param_groups
+
+    torch.manual_seed(0)
+    a = BaseMoEModel(config=tiny_config())
+    b = copy.deepcopy(a)
+    fused = build_optimizer(a, 1e-2, 0.1, (0.9, 0.95))
+    loop = torch.optim.AdamW(param_groups(b, 0.1), lr=1e-2, betas=(0.9, 0.95))
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    x = torch.randint(0, 300, (2, 16))
+    for _ in range(3):
+        for model, opt in ((a, fused), (b, loop)):
+            model(x, targets=x)["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-5)
+
+
 def test_bad_config_raises():
     with pytest.raises(ValueError, match="divisible"):
         tiny_config(d_model=30)
