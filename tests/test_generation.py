@@ -41,6 +41,15 @@ def test_small_matmul_equals_linear(out_f, in_f, monkeypatch):
             y = fast_forward.small_matmul(inp, w, rows)
             assert y.shape == (M, out_f)
             torch.testing.assert_close(y, F.linear(x, w), atol=1e-5, rtol=1e-5)
+    lin = nn.Linear(in_f, out_f)  # FastLinear: 3-D input, bias, a hook fires once
+    lin.weight.data = w
+    fast = copy.deepcopy(lin)
+    fast.__class__, fast.rows = fast_forward.FastLinear, rows
+    seen = []
+    fast.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, in_f, generator=g)
+    torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-5)
+    assert seen == [(2, 3, out_f)]
 
 
 def _pad_left(prompts):

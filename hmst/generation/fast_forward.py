@@ -103,6 +103,7 @@ BACKENDS = {"fast": fast_logits, "reference": reference_logits}
 
 # Weights smaller than this (elements) always take `F.linear`.
 MIN_NUMEL = 1 << 16
+WIDE_ROWS, NARROW_ROWS = 16, 4  # `transposed_rows` of wide (out >= 2 in) / other
 
 
 def transposed_rows(w_OI: torch.Tensor) -> int:
@@ -116,7 +117,7 @@ def transposed_rows(w_OI: torch.Tensor) -> int:
         or w_OI.numel() < MIN_NUMEL
     ):
         return 0
-    return 16 if w_OI.shape[0] >= 2 * w_OI.shape[1] else 4
+    return WIDE_ROWS if w_OI.shape[0] >= 2 * w_OI.shape[1] else NARROW_ROWS
 
 
 def small_matmul(x_MI: torch.Tensor, w_OI: torch.Tensor, rows: int) -> torch.Tensor:
@@ -133,7 +134,7 @@ def small_matmul(x_MI: torch.Tensor, w_OI: torch.Tensor, rows: int) -> torch.Ten
     input, such as the previous layer's result, is copied first (M x in: cheap)."""
     M = x_MI.shape[0]
     x_MI = x_MI.contiguous()
-    if M > rows or (M == 1 and rows < 16):
+    if M > rows or (M == 1 and rows != WIDE_ROWS):
         return F.linear(x_MI, w_OI)
     if M == 1:
         return (w_OI @ x_MI.expand(2, -1).contiguous().t())[:, :1].t()
@@ -147,10 +148,10 @@ class FastLinear(nn.Linear):
     rows = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 2:
-            return self(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-        y = small_matmul(x, self.weight, self.rows)
-        return y if self.bias is None else y + self.bias
+        y = small_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.rows)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _column_major(w: torch.Tensor) -> torch.Tensor:

@@ -51,7 +51,7 @@ def select_experts(router: "Router", x_TD: torch.Tensor, expert_bias_E=None):
     The biases decide which experts run, never how much each counts."""
     logits_TE = F.linear(x_TD.float(), router.gate.weight.float())
     probs_TE = logits_TE.softmax(dim=-1)
-    select_TE = logits_TE + router.balance_bias
+    select_TE = logits_TE + router.balance_bias if router.balanced else logits_TE
     if expert_bias_E is not None:
         select_TE = select_TE + expert_bias_E
     topk_idx_TK = select_TE.topk(router.top_k, dim=-1).indices
@@ -67,7 +67,7 @@ class Router(nn.Module):
     def __init__(self, d_model: int, n_experts: int, top_k: int, balance=False):
         super().__init__()
         self.gate = nn.Linear(d_model, n_experts, bias=False)
-        self.n_experts, self.top_k = n_experts, top_k
+        self.n_experts, self.top_k, self.balanced = n_experts, top_k, balance
         self.register_buffer("balance_bias", torch.zeros(n_experts), persistent=balance)
 
     def forward(self, x_TD: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
