@@ -90,7 +90,7 @@ def build_mixtral(cfg: ModelConfig, impl: str, router_logits: bool = True):
 
 
 def hmst_loss(model, x, y):
-    out = model(x, targets=y)
+    out = model(x, targets=y, return_logits=False)
     return out["loss"], out["loss"] + out["aux_loss"], out["expert_counts"]
 
 

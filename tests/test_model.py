@@ -1,10 +1,12 @@
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import tiny_config
 from hmst.configs import get_config
 from hmst.generation import SamplingParams, generate_stream
 from hmst.models.base_moe import BaseMoEModel
+from hmst.models.loss import linear_cross_entropy
 from hmst.models.moe import MoE, grouped_experts, load_balance_loss, reference_experts
 
 
@@ -111,6 +113,41 @@ def test_gradient_checkpointing_same_grads():
     assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
     for a, b in zip(results[0][1], results[1][1]):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("vocab", [300, 100_000])  # one chunk / many chunks
+def test_fused_linear_cross_entropy_equals_unfused(vocab):
+    torch.manual_seed(0)
+    h = torch.randn(2, 45, 16, requires_grad=True)
+    w = (0.3 * torch.randn(vocab, 16)).requires_grad_()
+    t = torch.randint(0, vocab, (2, 45))
+    t[0, :7] = -100  # ignored rows (prompt tokens in QA fine-tuning)
+    ref = F.cross_entropy(F.linear(h, w).flatten(0, 1), t.flatten(), ignore_index=-100)
+    got = linear_cross_entropy(h, w, t)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    g_ref_h, g_ref_w = torch.autograd.grad(3 * ref, (h, w))
+    g_h, g_w = torch.autograd.grad(3 * got, (h, w))  # upstream gradient scales
+    torch.testing.assert_close(g_h, g_ref_h, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(g_w, g_ref_w, atol=1e-6, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(linear_cross_entropy(h, w, t), ref.detach())
+
+
+def test_model_fused_loss_equals_logits_loss():
+    model = BaseMoEModel(config=tiny_config())
+    x = torch.randint(0, 300, (2, 16))
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        out = model(x, targets=x, exit_layer=0, return_logits=not fused)
+        assert ("logits" in out) != fused
+        (out["loss"] + out["exit_loss"] + out["aux_loss"]).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        results.append((out["loss"].detach(), out["exit_loss"].detach(), grads))
+    for a, b in zip(results[0][:2], results[1][:2]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    for a, b in zip(results[0][2], results[1][2]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
 
 
 def test_expert_bias_changes_routing():

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from hmst.configs.model_config import ModelConfig
 from hmst.models.layers import Attention, KVCache, rope_tables
 from hmst.models.moe import MoE, load_balance_loss, update_balance_bias
+from hmst.models.loss import linear_cross_entropy
 
 
 class Block(nn.Module):
@@ -136,13 +137,17 @@ class BaseMoEModel(nn.Module):
         return_hidden: bool = False,
         last_only: bool = False,
         exit_layer: int | None = None,
+        return_logits: bool = True,
     ):
         """input_ids (B, T). `kv_caches` from `allocate_kv_cache`: the T tokens sit at
         positions [pos, pos+T). `attn_mask` (bool, True = attend) broadcastable to
         (B, 1, T, pos+T) overrides the causal mask. `expert_bias` (E,) or (L, E) biases
         expert selection. `exit_layer` i with `targets`: also return `exit_loss`, the
         cross-entropy of the final norm and LM head read at block i's output (the
-        early-exit training loss, LayerSkip-style)."""
+        early-exit training loss, LayerSkip-style). `return_logits=False` with
+        `targets` (the trainers): the loss comes from the fused head + cross-entropy
+        (`hmst.models.loss`), which never materialises the logits, and the output has
+        no "logits"."""
         B, T = input_ids.shape
         if pos + T > self.config.max_seq_len:
             raise ValueError(
@@ -176,7 +181,7 @@ class BaseMoEModel(nn.Module):
         if last_only:  # generation needs only the last position's logits
             h = h[:, -1:]
         head = self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
-        logits = F.linear(h, head)
+        fused_loss = targets is not None and not return_logits
         counts = torch.stack([r.counts_E for r in routers])
         probs = torch.stack([r.probs_mean_E for r in routers])
         lb = torch.stack(
@@ -185,28 +190,32 @@ class BaseMoEModel(nn.Module):
         z = torch.stack([r.z_loss for r in routers]).mean()
         ent = [r.entropy for r in routers if r.entropy is not None]
         out = dict(
-            logits=logits,
             load_balance_loss=lb,
             router_z_loss=z,
             expert_counts=counts,
             router_probs=probs,
         )
+        if not fused_loss:
+            out["logits"] = F.linear(h, head)
         if ent:
             out["router_entropy"] = torch.stack(ent)
         if return_hidden:
             out["hidden_states"] = h
         if targets is not None:
-            out["loss"] = F.cross_entropy(
-                logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100
-            )
+            if fused_loss:
+                out["loss"] = linear_cross_entropy(h, head, targets)
+            else:
+                out["loss"] = F.cross_entropy(
+                    out["logits"].flatten(0, 1).float(),
+                    targets.flatten(),
+                    ignore_index=-100,
+                )
             out["aux_loss"] = (
                 self.config.load_balance_coef * lb + self.config.router_z_coef * z
             )
             if x_exit is not None:
-                out["exit_loss"] = F.cross_entropy(
-                    F.linear(self.norm(x_exit), head).flatten(0, 1).float(),
-                    targets.flatten(),
-                    ignore_index=-100,
+                out["exit_loss"] = linear_cross_entropy(
+                    self.norm(x_exit), head, targets
                 )
         return out
 

@@ -380,7 +380,9 @@ def run(cfg: HMSTConfig, args: DataArgs) -> dict:
             x, y = x.to(acc.device), y.to(acc.device)
             with acc.accumulate(model):
                 with acc.autocast():
-                    out = model(x, targets=y, exit_layer=exit_layer)
+                    out = model(
+                        x, targets=y, exit_layer=exit_layer, return_logits=False
+                    )
                 # Balance statistics over the global batch (exact across ranks).
                 counts = acc.reduce(out["expert_counts"].detach(), "sum")
                 lb = torch.stack(

@@ -102,7 +102,7 @@ def train_sft(
         for g in opt.param_groups:
             g["lr"] = lr * scale
         ids, tgt = collate([sample() for _ in range(batch_size)], device)
-        out = model(ids, targets=tgt)
+        out = model(ids, targets=tgt, return_logits=False)
         loss = out["loss"] + out["aux_loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
