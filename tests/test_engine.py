@@ -392,3 +392,38 @@ def test_remembered_sentence_keeps_its_tokens(tokenizer):
     entry = [e for e in eng.episodic.entries() if e.id == i][0]
     assert entry.tokens == tokenizer.encode(text)
     torch.testing.assert_close(entry.key_N, eng._embed([text], "doc")[0])
+
+
+def test_exit_threshold_is_tuned_on_answers(tokenizer):
+    from hmst.inference.build import EXIT_GRID, tune_exit_threshold
+    from hmst.inference.env import sample_questions
+    from hmst.models.early_exit import NEVER
+    from hmst.qa import make_world
+
+    eng = make_engine(tokenizer)
+    items = sample_questions(make_world(40, seed=0), "train", 2, seed=0)
+    quiet = lambda *a: None  # noqa: E731
+    res = tune_exit_threshold(eng, items, min_agreement=1.0, log=quiet)
+    assert eng.early_exit.config.threshold == res["threshold"]
+    tried = [float(t) for t in res["grid"]]
+    assert tried == list(EXIT_GRID[: len(tried)])
+    agree = [g["agreement"] for g in res["grid"].values()]
+    assert all(a < 1.0 for a in agree[:-1])  # the lowest threshold that agrees
+    if res["threshold"] == NEVER:
+        assert len(tried) == len(EXIT_GRID) and agree[-1] < 1.0
+    else:
+        assert agree[-1] == 1.0 and res["threshold"] == tried[-1]
+
+        def answers(ee):
+            out = []
+            for _, fact, buffer in items:
+                eng.clear_episodic()
+                for s in buffer:
+                    eng.remember(s)
+                d = dict(early_exit=ee, episodic=True, semantic=True)
+                out.append(eng.answer(fact.question, decisions=d).raw_answer)
+            return out
+
+        assert answers(True) == answers(False)
+    # any agreement is enough: the most aggressive threshold is taken
+    assert tune_exit_threshold(eng, items, 1e-9, quiet)["threshold"] == EXIT_GRID[0]
