@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hmst", "hmst.*"]),
-    package_data={"hmst.observe": ["trace_schema.json"]},
+    package_data={"hmst.observe": ["trace_schema.json"], "hmst.kernels": ["gemv.c"]},
     install_requires=[
         "torch>=2.5",
         "accelerate>=1.0",

@@ -5,7 +5,9 @@ vocab 8192), random weights (speed does not depend on them), greedy, prompt 32 t
 128 new (HF forced to full length by min_new_tokens), batch 1 and 8, 1 thread.
 
 Peers, each timed in the same process, interleaved, median over rounds:
-  hmst            fp32, `fast_logits` + small-row matmuls (`prepare_for_inference`)
+  hmst            fp32, `fast_logits` + small-row matmuls (`prepare_for_inference`),
+                  up to 4 rows by the native kernel (`hmst.kernels.native`) if built
+  hmst-mkl        the same with MKL's few-row forms only (when the kernel is built)
   hmst-reference  fp32, the model's own forward (the plain path, for comparison)
   hmst-int8       `--quantize int8` (dynamic int8 Linear layers, fp32 router)
   hmst-compile    with --compile: torch.compile(fast_logits, dynamic=True) (measured
@@ -46,6 +48,7 @@ from hmst.generation.fast_forward import (  # noqa: E402
 )
 from hmst.generation.generate import generate_stream  # noqa: E402
 from hmst.generation.quantize import quantize_int8  # noqa: E402
+from hmst.kernels import native  # noqa: E402
 from hmst.generation.sampling import SamplingParams  # noqa: E402
 from hmst.models.base_moe import BaseMoEModel  # noqa: E402
 
@@ -122,8 +125,11 @@ def int8_drift(path, windows=16, width=128, new_tokens=64):
 def build_peers(cfg, hf_impls, compile_):
     base = BaseMoEModel(config=cfg).eval()
     fast = prepare_for_inference(copy.deepcopy(base))
-    peers = {
-        "hmst": (fast, "fast"),
+    peers = {"hmst": (fast, "fast")}
+    if native.available():  # the same without the native kernel: MKL's forms only
+        mkl = prepare_for_inference(copy.deepcopy(base), use_native=False)
+        peers["hmst-mkl"] = (mkl, "fast")
+    peers |= {
         "hmst-reference": (base, "reference"),
         "hmst-int8": (prepare_for_inference(quantize_int8(base)), "fast"),
     }
@@ -195,7 +201,8 @@ def main():
     peers = build_peers(cfg, args.hf_impls, args.compile)
     print(
         f"torch {torch.__version__}, threads {args.threads}, clock {args.clock}, "
-        f"prompt {args.prompt_len}, new {args.new_tokens}, rounds {args.rounds}"
+        f"prompt {args.prompt_len}, new {args.new_tokens}, rounds {args.rounds}, "
+        f"native few-row kernel {'yes' if native.available() else 'no'}"
     )
     summary = [run_batch(peers, bs, args, clock) for bs in args.batch]
     print("\nsummary: " + "; ".join(summary))

@@ -19,6 +19,7 @@ from hmst.generation.fast_forward import (
 )
 from hmst.generation.quantize import quantize_int8
 from hmst.generation.text import TextGenerator, _RowText
+from hmst.kernels import native
 from hmst.models.base_moe import BaseMoEModel
 
 
@@ -26,8 +27,19 @@ def _model(**kw):
     return BaseMoEModel(config=tiny_config(**kw)).eval()
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernel(request, monkeypatch):
+    """Run with the native few-row kernel (skipped where it cannot be built), then
+    with the PyTorch forms alone."""
+    if request.param == "native" and not native.available():
+        pytest.skip("no C compiler: the native kernel is unavailable")
+    if request.param == "torch":
+        monkeypatch.setattr(native, "_lib", False)
+    return request.param
+
+
 @pytest.mark.parametrize("out_f,in_f", [(96, 32), (32, 64), (32, 32)])
-def test_small_matmul_equals_linear(out_f, in_f, monkeypatch):
+def test_small_matmul_equals_linear(out_f, in_f, kernel, monkeypatch):
     """Every row count, wide and narrow weights, contiguous or transposed input."""
     monkeypatch.setattr(fast_forward, "MIN_NUMEL", 0)
     g = torch.Generator().manual_seed(0)
@@ -38,18 +50,76 @@ def test_small_matmul_equals_linear(out_f, in_f, monkeypatch):
     for M in range(1, 21):
         x = torch.randn(M, in_f, generator=g)
         for inp in (x, x.t().contiguous().t()):
-            y = fast_forward.small_matmul(inp, w, rows)
+            y = fast_forward.small_matmul(inp, w, rows, kernel == "native")
             assert y.shape == (M, out_f)
             torch.testing.assert_close(y, F.linear(x, w), atol=1e-5, rtol=1e-5)
     lin = nn.Linear(in_f, out_f)  # FastLinear: 3-D input, bias, a hook fires once
     lin.weight.data = w
     fast = copy.deepcopy(lin)
     fast.__class__, fast.rows = fast_forward.FastLinear, rows
+    fast.native = kernel == "native"
     seen = []
     fast.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     x = torch.randn(2, 3, in_f, generator=g)
     torch.testing.assert_close(fast(x), lin(x), atol=1e-5, rtol=1e-5)
     assert seen == [(2, 3, out_f)]
+
+
+def test_native_gemv_equals_linear_and_falls_back(monkeypatch, tmp_path):
+    if not native.available():
+        pytest.skip("no C compiler: the native kernel is unavailable")
+    g = torch.Generator().manual_seed(0)
+    for n_out, n_in in [(2048, 256), (256, 1024), (37, 50), (5, 17), (3, 16)]:
+        w = torch.randn(n_out, n_in, generator=g)
+        for M in range(1, native.MAX_ROWS + 1):
+            x = torch.randn(M, n_in, generator=g)
+            exact = F.linear(x.double(), w.double())  # sums of up to 1024 N(0, 1)
+            err = (native.gemv(x, w) - exact).abs().max()
+            assert err <= 4 * (F.linear(x, w) - exact).abs().max() + 1e-5
+    w13, w2 = torch.randn(2 * 48, 40, generator=g), torch.randn(40, 48, generator=g)
+    x = torch.randn(40, generator=g)
+    gate, up = F.linear(x.double(), w13.double()).chunk(2)
+    exact = F.linear(F.silu(gate) * up, w2.double())
+    assert (native.swiglu(x, w13, w2) - exact).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="swiglu needs"):
+        native.swiglu(x, w13[:-1], w2)  # odd hidden width
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.gemv(torch.randn(5, 17), torch.randn(3, 17))  # 5 rows
+    with pytest.raises(ValueError, match="contiguous fp32"):
+        native.gemv(torch.randn(2, 17), torch.randn(17, 3).t())  # column-major
+    # Disabled, or no working compiler: unavailable, no error (callers use PyTorch).
+    monkeypatch.setenv("HMST_CACHE", str(tmp_path))  # no cached build to reuse
+    for env, value in (("HMST_NATIVE", "0"), ("CC", "false")):
+        monkeypatch.setattr(native, "_lib", None)
+        with monkeypatch.context() as m:
+            m.setenv(env, value)
+            assert not native.available()
+            with pytest.raises(RuntimeError, match="not available"):
+                native.gemv(torch.randn(1, 4), torch.randn(2, 4))
+    monkeypatch.setattr(native, "_lib", None)
+    assert native.available()  # builds into the fresh cache
+    assert list(tmp_path.glob("kernels/hmst_gemv_*.so"))
+
+
+def test_batch1_decoding_with_prepared_model(kernel, monkeypatch):
+    """One prompt (the single-token expert path, `SwiGLU.one_row` with the native
+    kernel): prepared fast path == the plain model's reference forward, every step."""
+    monkeypatch.setattr(fast_forward, "MIN_NUMEL", 0)
+    model = _model(max_seq_len=64, init_std=0.2)
+    fast = prepare_for_inference(copy.deepcopy(model))
+    expert = fast.layers[0].moe.experts[0]
+    assert (expert.one_row is not None) == (kernel == "native")
+    x = torch.randn(1, 1, 32)
+    torch.testing.assert_close(expert(x), model.layers[0].moe.experts[0](x))
+    prompt = torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(2))
+    c_fast, c_ref = fast.allocate_kv_cache(1, 40), model.allocate_kv_cache(1, 40)
+    a = fast_logits(fast, prompt, c_fast, 0)
+    b = reference_logits(model, prompt, c_ref, 0)
+    for pos in range(7, 17):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        nxt = b.argmax(-1, keepdim=True)
+        a = fast_logits(fast, nxt, c_fast, pos)
+        b = reference_logits(model, nxt, c_ref, pos)
 
 
 def _pad_left(prompts):
@@ -63,14 +133,16 @@ def _pad_left(prompts):
 
 
 @pytest.mark.parametrize("prepared", [False, True])
-def test_cached_decoding_matches_full_recompute(prepared, monkeypatch):
+def test_cached_decoding_matches_full_recompute(prepared, kernel, monkeypatch):
     """Left-padded batch, prefill + 1-token steps through `fast_logits` vs the
     reference forward of each row's whole unpadded sequence, at every step."""
     model = _model(max_seq_len=64, init_std=0.2)
     ref_model = copy.deepcopy(model)  # the full recompute uses the plain model
-    if prepared:  # small-row matmuls transposed, even for these tiny weights
+    if prepared:  # small-row matmul forms, even for these tiny weights
         monkeypatch.setattr(fast_forward, "MIN_NUMEL", 0)
         model = prepare_for_inference(model)
+        assert model.head_native == (kernel == "native")
+        assert model.layers[0].moe.experts[0].w13.native == model.head_native
         assert model.layers[0].moe.experts[0].w13.rows == 16 and model.head_rows == 16
         assert model.layers[0].moe.experts[0].w2.rows == 4
     g = torch.Generator().manual_seed(1)

@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hmst.kernels import native
+from hmst.models.layers import SwiGLU, rope_matrix
 from hmst.models.moe import grouped_experts, select_experts
 
 
@@ -54,7 +56,8 @@ def head_logits(model, h_BD: torch.Tensor) -> torch.Tensor:
         return q_head(h_BD)
     if model.config.tie_embeddings:
         rows = getattr(model, "head_rows", 0)  # set by prepare_for_inference
-        return small_matmul(h_BD, model.embed.weight, rows)
+        native_ok = getattr(model, "head_native", False)
+        return small_matmul(h_BD, model.embed.weight, rows, native_ok)
     return model.lm_head(h_BD)
 
 
@@ -72,12 +75,13 @@ def fast_logits(
             f"sequence end {pos + T} exceeds max_seq_len {model.config.max_seq_len}"
         )
     cos, sin = model.rope_cos[pos : pos + T], model.rope_sin[pos : pos + T]
+    rot = rope_matrix(cos[0], sin[0]) if T == 1 else None  # once for all layers
     x = model.embed(ids_BT)
     for i, (layer, cache) in enumerate(zip(model.layers, caches)):
         bias = expert_bias
         if expert_bias is not None and expert_bias.dim() == 2:  # (L, E): per layer
             bias = expert_bias[i]
-        x = x + layer.attn(layer.attn_norm(x), cos, sin, cache, pos, mask)
+        x = x + layer.attn(layer.attn_norm(x), cos, sin, cache, pos, mask, rot)
         x = x + _moe(layer.moe, layer.moe_norm(x), bias, tap, i)
     return head_logits(model, model.norm(x[:, -1]))
 
@@ -113,27 +117,35 @@ def transposed_rows(w_OI: torch.Tensor) -> int:
     if (
         w_OI.device.type != "cpu"
         or w_OI.dtype != torch.float32
-        or w_OI.stride(1) != 1
+        or not w_OI.is_contiguous()
         or w_OI.numel() < MIN_NUMEL
     ):
         return 0
     return WIDE_ROWS if w_OI.shape[0] >= 2 * w_OI.shape[1] else NARROW_ROWS
 
 
-def small_matmul(x_MI: torch.Tensor, w_OI: torch.Tensor, rows: int) -> torch.Tensor:
-    """`F.linear(x, w)` (no bias) in the form MKL runs fastest for a few rows M, with
+def small_matmul(
+    x_MI: torch.Tensor, w_OI: torch.Tensor, rows: int, use_native: bool = False
+) -> torch.Tensor:
+    """`F.linear(x, w)` (no bias) in the fastest CPU form for a few rows M, with
     `rows = transposed_rows(w)`.
 
-    Measured at 1 thread with the weights streamed from memory (BENCHMARKS.md): for
-    M <= `rows`, `(w @ x.T).T` (a gemm against M columns) is 1.3-3x faster than
-    `F.linear` (256 -> 2048 at M=2: 90 vs 196 us; 1024 -> 256 at M=2: 50 vs 83 us; the
-    256 -> 8192 head at M=8: 702 vs 1035 us). A single row against a wide weight is
-    duplicated into two columns (MKL's one-column path is its slow row-major gemv: 99
-    vs 171 us); against a narrow one F.linear is as fast. The M columns must be `x.T`
-    of a contiguous x (a row-major (in, M) operand is 2-4x slower), so a transposed
-    input, such as the previous layer's result, is copied first (M x in: cheap)."""
+    With `use_native` (only where `native.available()`), up to 4 rows go to the native
+    kernel (`hmst.kernels.native`: streams w once, ~29 GB/s at 1 thread here, vs 12-25
+    GB/s for MKL's few-row kernels). Otherwise, and for M up to `rows`, MKL's fastest
+    form (measured at 1 thread with the weights streamed from memory, BENCHMARKS.md):
+    `(w @ x.T).T` (a gemm
+    against M columns) is 1.3-3x faster than `F.linear` (256 -> 2048 at M=2: 90 vs
+    196 us; 1024 -> 256 at M=2: 50 vs 83 us; the 256 -> 8192 head at M=8: 702 vs 1035
+    us). A single row against a wide weight is duplicated into two columns (MKL's
+    one-column path is its slow row-major gemv: 99 vs 171 us); against a narrow one
+    F.linear is as fast. The M columns must be `x.T` of a contiguous x (a row-major
+    (in, M) operand is 2-4x slower), so a transposed input, such as the previous
+    layer's result, is copied first (M x in: cheap)."""
     M = x_MI.shape[0]
     x_MI = x_MI.contiguous()
+    if use_native and rows and M <= native.MAX_ROWS and x_MI.dtype is torch.float32:
+        return native.gemv_unchecked(x_MI, w_OI)  # rows > 0: w is fp32, CPU, contiguous
     if M > rows or (M == 1 and rows != WIDE_ROWS):
         return F.linear(x_MI, w_OI)
     if M == 1:
@@ -143,15 +155,66 @@ def small_matmul(x_MI: torch.Tensor, w_OI: torch.Tensor, rows: int) -> torch.Ten
 
 class FastLinear(nn.Linear):
     """An `nn.Linear` whose forward is `small_matmul` (same weights and state dict).
-    Made by `prepare_for_inference`, which sets `rows`."""
+    Made by `prepare_for_inference`, which sets `rows` and `native`."""
 
-    rows = 0
+    rows, native = 0, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = small_matmul(x.reshape(-1, x.shape[-1]), self.weight, self.rows)
+        y = small_matmul(
+            x.reshape(-1, x.shape[-1]), self.weight, self.rows, self.native
+        )
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+class RowsMatmul:
+    """`x -> F.linear(x, w)` through `small_matmul`, as a plain callable (not a module,
+    so it adds nothing to the state dict): the fused q/k/v projection of
+    `prepare_for_inference`."""
+
+    def __init__(self, w_OI: torch.Tensor, use_native: bool):
+        self.weight, self.rows, self.native = w_OI, transposed_rows(w_OI), use_native
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = small_matmul(
+            x.reshape(-1, x.shape[-1]), self.weight, self.rows, self.native
+        )
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class NativeSwiGLU:
+    """`SwiGLU.one_row` for one token: `native.swiglu` over the expert's own weights
+    (read at each call: no copy). A plain callable, not a module."""
+
+    def __init__(self, expert):
+        self.expert = expert
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        e = self.expert
+        y = native.swiglu_unchecked(x.contiguous(), e.w13.weight, e.w2.weight)
+        return y.view(x.shape)
+
+
+def _fuse_qkv(attn, use_native: bool) -> None:
+    """`attn.qkv`: all three projections with one matmul, over a (q + k + v, D) copy
+    of their weights (a copy, not views: the parameters stay separate tensors, so the
+    model still saves; the cost is the q/k/v weights once more in memory)."""
+    projs = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if any(type(p) is not nn.Linear or p.bias is not None for p in projs):
+        return  # quantized or biased projections keep their own path
+    attn.qkv = RowsMatmul(torch.cat([p.weight.data for p in projs]), use_native)
+
+
+def _native_ok(*weights) -> bool:
+    """Plain fp32 CPU contiguous weights (what the native kernels read)."""
+    return all(
+        type(w) is nn.Parameter
+        and w.dtype == torch.float32
+        and w.device.type == "cpu"
+        and w.is_contiguous()
+        for w in weights
+    )
 
 
 def _column_major(w: torch.Tensor) -> torch.Tensor:
@@ -160,26 +223,41 @@ def _column_major(w: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def prepare_for_inference(model) -> nn.Module:
+def prepare_for_inference(model, use_native: bool | None = None) -> nn.Module:
     """Eval mode, gradients off, and the fastest CPU matmul form for each Linear. In
     place; returns the model; int8-quantized layers keep their own kernels.
+    `use_native`: use the native few-row kernel (default: wherever it can be built).
 
     Expert and head weights (and any other plain Linear) become `FastLinear`s: they
     see a varying few rows (1 to ~4 per expert when decoding a batch of 8), where
-    `small_matmul` pays. Attention projections see exactly the batch size in rows; for
-    them a column-major copy under plain `F.linear` is as fast or faster at 1 and 8
-    rows (256 -> 256: 16 vs 22 us at 1 row), so they are re-laid out instead (the
-    weights are then views: save the model before, not after)."""
+    `small_matmul` pays. So do attention projections when the native kernel is
+    available, and q/k/v are fused into one weight (`Attention.qkv`, a copy: later
+    changes to the q/k/v weights do not reach it). Without it they see exactly the
+    batch size in rows, where a column-major copy under plain `F.linear` is as fast
+    or faster at 1 and 8 rows (256 -> 256: 16 vs 22 us at 1 row), so they are re-laid
+    out instead (the weights are then views: save the model before, not after)."""
     model.eval().requires_grad_(False)
     attn = {id(m) for block in model.layers for m in block.attn.modules()}
+    if use_native is None:
+        use_native = native.available()
+    elif use_native and not native.available():
+        raise RuntimeError("the native gemv kernel is not available on this machine")
+    relayout = not use_native
+    if use_native:  # q/k/v in one native call (+8% tok/s at batch 1)
+        for block in model.layers:
+            _fuse_qkv(block.attn, use_native)
+        for mod in model.modules():  # one token through an expert: one native call
+            if isinstance(mod, SwiGLU) and _native_ok(mod.w13.weight, mod.w2.weight):
+                mod.one_row = NativeSwiGLU(mod)
     for mod in model.modules():
         if type(mod) is not nn.Linear:
             continue
-        if id(mod) in attn:
+        if id(mod) in attn and relayout:
             mod.weight.data = _column_major(mod.weight.data)
         else:
             mod.__class__ = FastLinear
-            mod.rows = transposed_rows(mod.weight)
+            mod.rows, mod.native = transposed_rows(mod.weight), use_native
     if model.config.tie_embeddings:
         model.head_rows = transposed_rows(model.embed.weight)
+        model.head_native = use_native
     return model

@@ -33,6 +33,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotated * sin
 
 
+def rope_matrix(cos_Dh: torch.Tensor, sin_Dh: torch.Tensor) -> torch.Tensor:
+    """The (Dh, Dh) matrix R of one position's rotation: x @ R == apply_rope(x). A
+    decode step (one position) builds it once and every layer's q and k take one
+    matmul instead of six elementwise ops each (the sums add exact zeros)."""
+    eye = torch.eye(cos_Dh.shape[-1], dtype=cos_Dh.dtype, device=cos_Dh.device)
+    return apply_rope(eye, cos_Dh, sin_Dh)
+
+
 class KVCache(nn.Module):
     """Preallocated per-layer key/value cache (gpt-fast shape).
 
@@ -64,6 +72,13 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    """Causal self-attention. `qkv`: None, or a callable computing the three
+    projections at once (x -> (..., (H + 2 Hkv) Dh)), set by `prepare_for_inference`
+    over a fused copy of the same weights (not a submodule: the state dict is
+    unchanged)."""
+
+    qkv = None
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = (
@@ -78,13 +93,30 @@ class Attention(nn.Module):
         self.dropout = cfg.dropout
 
     def forward(
-        self, x, cos, sin, cache: KVCache | None = None, pos: int = 0, mask=None
+        self,
+        x,
+        cos,
+        sin,
+        cache: KVCache | None = None,
+        pos: int = 0,
+        mask=None,
+        rot: torch.Tensor | None = None,
     ):
+        """`rot` (Dh, Dh): `rope_matrix` of the position, for one new token (T = 1);
+        replaces cos/sin."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
+        if self.qkv is not None:
+            q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, Dh).transpose(1, 2)
+        k = k.view(B, T, Hkv, Dh).transpose(1, 2)
+        v = v.view(B, T, Hkv, Dh).transpose(1, 2)
+        if rot is not None:
+            q, k = q @ rot, k @ rot
+        else:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(pos, k, v)  # (B, Hkv, S, Dh)
         # Causal: a fresh sequence uses is_causal; new tokens after a cached prefix need
@@ -106,7 +138,11 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """silu(x W1) * (x W3) W2, with W1 and W3 fused into one matmul (`w13`)."""
+    """silu(x W1) * (x W3) W2, with W1 and W3 fused into one matmul (`w13`).
+    `one_row`: None, or a callable for exactly one token (x of D elements) set by
+    `prepare_for_inference` (the native kernel: both matmuls in one call)."""
+
+    one_row = None
 
     def __init__(self, d_model: int, d_ff: int):
         super().__init__()
@@ -114,5 +150,7 @@ class SwiGLU(nn.Module):
         self.w2 = nn.Linear(d_ff, d_model, bias=False)
 
     def forward(self, x):
+        if self.one_row is not None and x.numel() == x.shape[-1]:
+            return self.one_row(x)
         gate, up = self.w13(x).chunk(2, dim=-1)
         return self.w2(F.silu(gate) * up)
