@@ -75,8 +75,10 @@ def fast_logits(
             f"sequence end {pos + T} exceeds max_seq_len {model.config.max_seq_len}"
         )
     cos, sin = model.rope_cos[pos : pos + T], model.rope_sin[pos : pos + T]
-    rot = rope_matrix(cos[0], sin[0]) if T == 1 else None  # once for all layers
     x = model.embed(ids_BT)
+    rot = None  # one new token: its RoPE rotation as a matrix, once for all layers
+    if T == 1 and cos.dtype == x.dtype:
+        rot = rope_matrix(cos[0], sin[0])
     for i, (layer, cache) in enumerate(zip(model.layers, caches)):
         bias = expert_bias
         if expert_bias is not None and expert_bias.dim() == 2:  # (L, E): per layer
@@ -134,14 +136,13 @@ def small_matmul(
     kernel (`hmst.kernels.native`: streams w once, ~29 GB/s at 1 thread here, vs 12-25
     GB/s for MKL's few-row kernels). Otherwise, and for M up to `rows`, MKL's fastest
     form (measured at 1 thread with the weights streamed from memory, BENCHMARKS.md):
-    `(w @ x.T).T` (a gemm
-    against M columns) is 1.3-3x faster than `F.linear` (256 -> 2048 at M=2: 90 vs
-    196 us; 1024 -> 256 at M=2: 50 vs 83 us; the 256 -> 8192 head at M=8: 702 vs 1035
-    us). A single row against a wide weight is duplicated into two columns (MKL's
-    one-column path is its slow row-major gemv: 99 vs 171 us); against a narrow one
-    F.linear is as fast. The M columns must be `x.T` of a contiguous x (a row-major
-    (in, M) operand is 2-4x slower), so a transposed input, such as the previous
-    layer's result, is copied first (M x in: cheap)."""
+    `(w @ x.T).T` (a gemm against M columns) is 1.3-3x faster than `F.linear` (256 ->
+    2048 at M=2: 90 vs 196 us; 1024 -> 256 at M=2: 50 vs 83 us; the 256 -> 8192 head at
+    M=8: 702 vs 1035 us). A single row against a wide weight is duplicated into two
+    columns (MKL's one-column path is its slow row-major gemv: 99 vs 171 us); against a
+    narrow one F.linear is as fast. The M columns must be `x.T` of a contiguous x (a
+    row-major (in, M) operand is 2-4x slower), so a transposed input, such as the
+    previous layer's result, is copied first (M x in: cheap)."""
     M = x_MI.shape[0]
     x_MI = x_MI.contiguous()
     if use_native and rows and M <= native.MAX_ROWS and x_MI.dtype is torch.float32:

@@ -52,9 +52,8 @@ def _build(cc: str) -> str:
         src = f.read()
     # libm (+ libmvec, for vectorised expf) goes after the source, or it is dropped
     cmd = [cc, "-O3", "-march=native", "-ffast-math", "-shared", "-fPIC", SOURCE, "-lm"]
-    key = hashlib.sha256(src + " ".join(cmd).encode() + _cpu_id().encode()).hexdigest()[
-        :16
-    ]
+    digest = hashlib.sha256(src + " ".join(cmd).encode() + _cpu_id().encode())
+    key = digest.hexdigest()[:16]
     path = os.path.join(_cache_dir(), f"hmst_gemv_{key}.so")
     if os.path.isfile(path):
         return path
