@@ -133,6 +133,24 @@ def test_fused_linear_cross_entropy_equals_unfused(vocab):
         torch.testing.assert_close(linear_cross_entropy(h, w, t), ref.detach())
 
 
+def test_fused_linear_cross_entropy_under_autocast():
+    """bf16 autocast (as `--mixed-precision` runs on GPUs; CPU autocast here): fp32
+    loss and gradients of the input dtypes, close to the unfused pair's at bf16
+    precision."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 16, requires_grad=True)
+    w = (0.3 * torch.randn(300, 16)).requires_grad_()
+    t = torch.randint(0, 300, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = F.cross_entropy(F.linear(h, w).float(), t)
+        got = linear_cross_entropy(h, w, t)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3)
+    for a, b in zip(torch.autograd.grad(got, (h, w)), torch.autograd.grad(ref, (h, w))):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=5e-2)
+
+
 def test_model_fused_loss_equals_logits_loss():
     model = BaseMoEModel(config=tiny_config())
     x = torch.randint(0, 300, (2, 16))
