@@ -396,7 +396,7 @@ def test_remembered_sentence_keeps_its_tokens(tokenizer):
 
 def test_exit_threshold_is_tuned_on_answers(tokenizer):
     from hmst.inference.build import EXIT_GRID, tune_exit_threshold
-    from hmst.inference.env import sample_questions
+    from hmst.inference.env import sample_questions, set_conversation
     from hmst.models.early_exit import NEVER
     from hmst.qa import make_world
 
@@ -417,9 +417,7 @@ def test_exit_threshold_is_tuned_on_answers(tokenizer):
         def answers(ee):
             out = []
             for _, fact, buffer in items:
-                eng.clear_episodic()
-                for s in buffer:
-                    eng.remember(s)
+                set_conversation(eng, buffer)
                 d = dict(early_exit=ee, episodic=True, semantic=True)
                 out.append(eng.answer(fact.question, decisions=d).raw_answer)
             return out
@@ -427,3 +425,36 @@ def test_exit_threshold_is_tuned_on_answers(tokenizer):
         assert answers(True) == answers(False)
     # any agreement is enough: the most aggressive threshold is taken
     assert tune_exit_threshold(eng, items, 1e-9, quiet)["threshold"] == EXIT_GRID[0]
+
+
+def test_exit_threshold_picks_the_lowest_that_agrees(tokenizer, monkeypatch):
+    """Below 0.85 early exit changes every other answer (forced here): 0.85 is chosen
+    at 99%, 0.0 at 50%, and nothing (never exit) when no threshold could agree."""
+    import dataclasses
+
+    from hmst.inference.build import tune_exit_threshold
+    from hmst.inference.env import sample_questions
+    from hmst.models.early_exit import NEVER
+    from hmst.qa import make_world
+
+    eng = make_engine(tokenizer)
+    items = sample_questions(make_world(40, seed=0), "train", 2, seed=0)
+    answer, calls = eng.answer, []
+
+    def answer_changed_by_exit(question, decisions):
+        r = answer(question, decisions=decisions)
+        calls.append(question)
+        low = eng.early_exit.config.threshold < cut
+        if decisions["early_exit"] and low and len(calls) % 2:
+            return dataclasses.replace(r, raw_answer=r.raw_answer + " (changed)")
+        return r
+
+    monkeypatch.setattr(eng, "answer", answer_changed_by_exit)
+    quiet = lambda *a: None  # noqa: E731
+    cut = 0.85
+    res = tune_exit_threshold(eng, items, 0.99, quiet)
+    assert res["threshold"] == 0.85 == eng.early_exit.config.threshold
+    assert [g["agreement"] for g in res["grid"].values()] == [0.5] * 4 + [1.0]
+    assert tune_exit_threshold(eng, items, 0.5, quiet)["threshold"] == 0.0
+    cut = 9.0  # every threshold changes answers
+    assert tune_exit_threshold(eng, items, 0.99, quiet)["threshold"] == NEVER

@@ -98,21 +98,35 @@ def test_greedy_is_deterministic_and_batch_matches_single():
     assert torch.equal(batch, again)
 
 
+def _losses_and_grads(model, x, **kw):
+    """(loss, exit loss or None, every parameter's gradient) of one forward/backward of
+    loss + exit loss + aux loss, from zeroed gradients."""
+    model.zero_grad()
+    out = model(x, targets=x, **kw)
+    exit_loss = out.get("exit_loss")
+    (out["loss"] + out["aux_loss"] + (0 if exit_loss is None else exit_loss)).backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    return out["loss"].detach(), exit_loss, grads, out
+
+
+def _assert_same(a, b, loss_tol=1e-6, grad_rtol=1e-5):
+    for la, lb in zip(a[:2], b[:2]):
+        if la is not None:
+            torch.testing.assert_close(
+                la.detach(), lb.detach(), atol=loss_tol, rtol=1e-5
+            )
+    for ga, gb in zip(a[2], b[2]):
+        torch.testing.assert_close(ga, gb, atol=1e-6, rtol=grad_rtol)
+
+
 def test_gradient_checkpointing_same_grads():
     model = BaseMoEModel(config=tiny_config())
     x = torch.randint(0, 300, (2, 16))
-    results = []
+    runs = []
     for flag in (False, True):
-        model.zero_grad()
         model.gradient_checkpointing_enable(flag)
-        out = model(x, targets=x)
-        (out["loss"] + out["aux_loss"]).backward()
-        results.append(
-            (out["loss"].item(), [p.grad.clone() for p in model.parameters()])
-        )
-    assert results[0][0] == pytest.approx(results[1][0], abs=1e-6)
-    for a, b in zip(results[0][1], results[1][1]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+        runs.append(_losses_and_grads(model, x))
+    _assert_same(*runs)
 
 
 @pytest.mark.parametrize("vocab", [300, 100_000])  # one chunk / many chunks
@@ -154,18 +168,12 @@ def test_fused_linear_cross_entropy_under_autocast():
 def test_model_fused_loss_equals_logits_loss():
     model = BaseMoEModel(config=tiny_config())
     x = torch.randint(0, 300, (2, 16))
-    results = []
-    for fused in (False, True):
-        model.zero_grad()
-        out = model(x, targets=x, exit_layer=0, return_logits=not fused)
-        assert ("logits" in out) != fused
-        (out["loss"] + out["exit_loss"] + out["aux_loss"]).backward()
-        grads = [p.grad.clone() for p in model.parameters()]
-        results.append((out["loss"].detach(), out["exit_loss"].detach(), grads))
-    for a, b in zip(results[0][:2], results[1][:2]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for a, b in zip(results[0][2], results[1][2]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    runs = [
+        _losses_and_grads(model, x, exit_layer=0, return_logits=not fused)
+        for fused in (False, True)
+    ]
+    assert "logits" in runs[0][3] and "logits" not in runs[1][3]
+    _assert_same(*runs, loss_tol=1e-5, grad_rtol=1e-4)
 
 
 def test_expert_bias_changes_routing():

@@ -154,6 +154,12 @@ def small_matmul(
     return (w_OI @ x_MI.t()).t()
 
 
+def rows_linear(x: torch.Tensor, w_OI: torch.Tensor, rows: int, use_native: bool):
+    """`small_matmul` over the last dimension of x (any leading shape)."""
+    y = small_matmul(x.reshape(-1, x.shape[-1]), w_OI, rows, use_native)
+    return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 class FastLinear(nn.Linear):
     """An `nn.Linear` whose forward is `small_matmul` (same weights and state dict).
     Made by `prepare_for_inference`, which sets `rows` and `native`."""
@@ -161,27 +167,20 @@ class FastLinear(nn.Linear):
     rows, native = 0, False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = small_matmul(
-            x.reshape(-1, x.shape[-1]), self.weight, self.rows, self.native
-        )
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        y = rows_linear(x, self.weight, self.rows, self.native)
+        return y if self.bias is None else y + self.bias
 
 
 class RowsMatmul:
-    """`x -> F.linear(x, w)` through `small_matmul`, as a plain callable (not a module,
-    so it adds nothing to the state dict): the fused q/k/v projection of
+    """`rows_linear` over a fixed weight, as a plain callable (not a module, so it
+    adds nothing to the state dict): the fused q/k/v projection of
     `prepare_for_inference`."""
 
     def __init__(self, w_OI: torch.Tensor, use_native: bool):
         self.weight, self.rows, self.native = w_OI, transposed_rows(w_OI), use_native
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        y = small_matmul(
-            x.reshape(-1, x.shape[-1]), self.weight, self.rows, self.native
-        )
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return rows_linear(x, self.weight, self.rows, self.native)
 
 
 class NativeSwiGLU:
@@ -205,17 +204,6 @@ def _fuse_qkv(attn, use_native: bool) -> None:
     if any(type(p) is not nn.Linear or p.bias is not None for p in projs):
         return  # quantized or biased projections keep their own path
     attn.qkv = RowsMatmul(torch.cat([p.weight.data for p in projs]), use_native)
-
-
-def _native_ok(*weights) -> bool:
-    """Plain fp32 CPU contiguous weights (what the native kernels read)."""
-    return all(
-        type(w) is nn.Parameter
-        and w.dtype == torch.float32
-        and w.device.type == "cpu"
-        and w.is_contiguous()
-        for w in weights
-    )
 
 
 def _column_major(w: torch.Tensor) -> torch.Tensor:
@@ -248,7 +236,10 @@ def prepare_for_inference(model, use_native: bool | None = None) -> nn.Module:
         for block in model.layers:
             _fuse_qkv(block.attn, use_native)
         for mod in model.modules():  # one token through an expert: one native call
-            if isinstance(mod, SwiGLU) and _native_ok(mod.w13.weight, mod.w2.weight):
+            if isinstance(mod, SwiGLU) and all(  # plain fp32 CPU weights, as gemv
+                type(lin) is nn.Linear and transposed_rows(lin.weight)
+                for lin in (mod.w13, mod.w2)
+            ):
                 mod.one_row = NativeSwiGLU(mod)
     for mod in model.modules():
         if type(mod) is not nn.Linear:

@@ -213,15 +213,15 @@ def tune_exit_threshold(engine, items, min_agreement: float, log=print) -> dict:
     (both memories read, no verification, greedy) equal the full model's on at least
     `min_agreement` of `items` ((category, fact, buffer) from `sample_questions`);
     none: never exit. Returns the agreement and block count per threshold."""
+    from hmst.inference.env import set_conversation
+
     heads = engine.early_exit
     decide = dict(episodic=True, semantic=True, verification=False)
 
     def answers(early_exit: bool):
         out, blocks = [], []
         for _, fact, buffer in items:
-            engine.clear_episodic()
-            for s in buffer:
-                engine.remember(s)
+            set_conversation(engine, buffer)
             r = engine.answer(
                 fact.question, decisions=dict(decide, early_exit=early_exit)
             )

@@ -274,6 +274,14 @@ def sample_questions(world, part: str, per_category: int, seed: int):
     return items
 
 
+def set_conversation(engine, statements) -> None:
+    """The engine's recent-interaction buffer holds exactly these statements (a
+    question's scripted conversation, from `sample_questions`)."""
+    engine.clear_episodic()
+    for s in statements:
+        engine.remember(s)
+
+
 def critic_flops(critic) -> float:
     model, _ = critic
     return 2.0 * sum(p.numel() for p in model.parameters())
@@ -291,9 +299,7 @@ def build_table(engine, items, log=print, timing_repeats: int = 3) -> OutcomeTab
     c_flops = critic_flops(engine.critic)
     rows = {k: [] for k in OutcomeTable.FIELDS}
     for n, (cat, fact, buffer) in enumerate(items):
-        engine.clear_episodic()
-        for s in buffer:
-            engine.remember(s)
+        set_conversation(engine, buffer)
         qfeat, vec, _, probe = engine.state_features(fact.question)
         rec = {k: [] for k in OutcomeTable.FIELDS[4:]}
         for c in range(N_CONFIGS):

@@ -42,43 +42,47 @@ def _chunk_loss(h_CD, w_VD, t_C, valid_C, scale_C=None):
     return loss, grad_CV
 
 
+def _chunked(h_ND, w_VD, t_N, ignore_index, want_h: bool, want_w: bool):
+    """The mean loss over the valid rows, and (when asked) its gradients for h and w,
+    one chunk of rows at a time."""
+    valid_N = t_N != ignore_index
+    n_valid = valid_N.sum().clamp(min=1)
+    scale_N = valid_N.float() / n_valid if want_h or want_w else None
+    grad_h = grad_w = None
+    if want_h:
+        grad_h = torch.empty(h_ND.shape, dtype=h_ND.dtype, device=h_ND.device)
+    if want_w:
+        grad_w = torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
+    total = h_ND.new_zeros((), dtype=torch.float32)
+    step = _chunk_rows(w_VD.shape[0])
+    for s in range(0, h_ND.shape[0], step):
+        rows = slice(s, s + step)
+        h_CD = h_ND[rows]
+        loss, grad_CV = _chunk_loss(
+            h_CD,
+            w_VD,
+            t_N[rows],
+            valid_N[rows],
+            None if scale_N is None else scale_N[rows],
+        )
+        total += loss
+        if grad_h is not None:
+            torch.mm(grad_CV.to(h_ND.dtype), w_VD.to(h_ND.dtype), out=grad_h[rows])
+        if grad_w is not None:
+            grad_w.addmm_(grad_CV.t(), h_CD.float())
+    if grad_w is not None:
+        grad_w = grad_w.to(w_VD.dtype)
+    return total / n_valid, grad_h, grad_w
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_ND, w_VD, t_N, ignore_index):
-        valid_N = t_N != ignore_index
-        n_valid = valid_N.sum().clamp(min=1)
-        scale_N = valid_N.float() / n_valid
-        grad_h = (
-            torch.empty(h_ND.shape, dtype=h_ND.dtype, device=h_ND.device)
-            if ctx.needs_input_grad[0]
-            else None
+        loss, grad_h, grad_w = _chunked(
+            h_ND, w_VD, t_N, ignore_index, *ctx.needs_input_grad[:2]
         )
-        grad_w = (
-            torch.zeros(w_VD.shape, dtype=torch.float32, device=w_VD.device)
-            if ctx.needs_input_grad[1]
-            else None
-        )
-        total = h_ND.new_zeros((), dtype=torch.float32)
-        step = _chunk_rows(w_VD.shape[0])
-        for s in range(0, h_ND.shape[0], step):
-            h_CD = h_ND[s : s + step]
-            loss, grad_CV = _chunk_loss(
-                h_CD,
-                w_VD,
-                t_N[s : s + step],
-                valid_N[s : s + step],
-                scale_N[s : s + step],
-            )
-            total += loss
-            grad_CV = grad_CV.to(h_ND.dtype)
-            if grad_h is not None:
-                torch.mm(grad_CV, w_VD.to(h_ND.dtype), out=grad_h[s : s + step])
-            if grad_w is not None:
-                grad_w.addmm_(grad_CV.t().float(), h_CD.float())
-        if grad_w is not None:
-            grad_w = grad_w.to(w_VD.dtype)
         ctx.save_for_backward(grad_h, grad_w)
-        return total / n_valid
+        return loss
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -104,11 +108,4 @@ def linear_cross_entropy(
     t_N = targets_N.reshape(-1)
     if torch.is_grad_enabled() and (h_ND.requires_grad or w_VD.requires_grad):
         return _LinearCrossEntropy.apply(h_ND, w_VD, t_N, ignore_index)
-    valid_N = t_N != ignore_index
-    total = h_ND.new_zeros((), dtype=torch.float32)
-    step = _chunk_rows(w_VD.shape[0])
-    for s in range(0, h_ND.shape[0], step):
-        total += _chunk_loss(
-            h_ND[s : s + step], w_VD, t_N[s : s + step], valid_N[s : s + step]
-        )[0]
-    return total / valid_N.sum().clamp(min=1)
+    return _chunked(h_ND, w_VD, t_N, ignore_index, False, False)[0]
