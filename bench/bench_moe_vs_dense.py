@@ -8,7 +8,7 @@ Targets (issue #2): MoE val perplexity >= 5% lower; max/mean <= 1.5 and no exper
 2% of tokens in every layer.
 
     python bench/bench_moe_vs_dense.py [--steps 200] [--threads 1] [--balance-bias RATE]
-                                     [--seed 0]
+                                     [--seed 0] [--dropout P]
 """
 
 import argparse
@@ -52,12 +52,15 @@ def main():
         help="the MoE's balance_bias_rate (auxiliary-loss-free balancing; default: "
         "the micro preset's)",
     )
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="dropout of both models (ModelConfig.dropout)")  # fmt: skip
     args = p.parse_args()
     print("command: python " + " ".join(sys.argv), flush=True)
     torch.set_num_threads(args.threads)
     cfg = get_micro_config().model
     if args.balance_bias is not None:
         cfg = dataclasses.replace(cfg, balance_bias_rate=args.balance_bias)
+    cfg = dataclasses.replace(cfg, dropout=args.dropout)
     print(f"MoE balance_bias_rate {cfg.balance_bias_rate}", flush=True)
     tok, train, val = prepare_corpus(cfg.vocab_size)
     torch.manual_seed(args.seed)

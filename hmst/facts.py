@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import re
 from dataclasses import dataclass
 
 CITIES = (
@@ -125,15 +126,52 @@ class CriticPair:
 
 
 def _make_name(rng: random.Random) -> str:
-    onsets = "b d f g k l m n p r s t v z br dr gr kr st tr".split()
-    vowels = "a e i o u ai ei ou".split()
-
     def word(n_syll):
-        return "".join(rng.choice(onsets) + rng.choice(vowels) for _ in range(n_syll))
+        return "".join(rng.choice(_ONSETS) + rng.choice(_VOWELS) for _ in range(n_syll))
 
     return (
         f"{word(rng.randint(2, 3)).capitalize()} {word(rng.randint(2, 3)).capitalize()}"
     )
+
+
+_ONSETS = "b d f g k l m n p r s t v z br dr gr kr st tr".split()
+_VOWELS = "a e i o u ai ei ou".split()
+_SYLLABLE = re.compile(
+    "(br|dr|gr|kr|st|tr|[bdfgklmnprstvz])(ai|ei|ou|[aeiou])", re.IGNORECASE
+)
+
+
+def near_namesake(name: str, rng: random.Random) -> str:
+    """A different name one edit of a syllable away in each word (replaced, added or
+    removed): "Stosti Loboukrou" -> "Teposti Fiboukrou"-like, the names a dense
+    search confuses. Names not made by `_make_name` get one replaced syllable."""
+    words = []
+    for word in name.split():
+        syl = [m.group(0).lower() for m in _SYLLABLE.finditer(word)]
+        if "".join(syl) != word.lower() or not syl:
+            syl = [word.lower()]
+        new = lambda: rng.choice(_ONSETS) + rng.choice(_VOWELS)  # noqa: E731
+        i, op = rng.randrange(len(syl)), rng.choice("rdi" if len(syl) > 2 else "ri")
+        if op == "r":
+            syl[i] = new()
+        elif op == "d":
+            del syl[i]
+        else:
+            syl.insert(i, new())
+        words.append("".join(syl).capitalize())
+    out = " ".join(words)
+    return out if out != name else near_namesake(name, rng)
+
+
+def namesake_fact(fact: Fact, rng: random.Random, taken=frozenset()) -> Fact:
+    """The same relation of a `near_namesake` of the fact's subject (a name not in
+    `taken`), with another value of the relation's pool: a distractor line a reader
+    must not answer from."""
+    name = near_namesake(fact.subject, rng)
+    while name in taken:
+        name = near_namesake(fact.subject, rng)
+    values = [v for v in VALUE_POOLS[fact.value_type] if v != fact.value]
+    return make_fact(name, RELATION_BY_NAME[fact.relation], rng.choice(values))
 
 
 def make_fact(subject: str, relation: Relation, value: str) -> Fact:

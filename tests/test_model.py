@@ -249,3 +249,30 @@ def test_bad_config_raises():
         tiny_config(balance_bias_rate=-1.0)
     with pytest.raises(ValueError, match="unknown model size"):
         get_config("huge")
+
+
+def test_residual_dropout_only_in_training():
+    import dataclasses
+
+    from hmst.models.base_moe import Block
+
+    cfg = dataclasses.replace(tiny_config(), dropout=0.5)
+    block = Block(cfg)
+
+    class Const(torch.nn.Module):  # sublayer outputs 1 (attention) and 2 (experts)
+        def __init__(self, c, pair):
+            super().__init__()
+            self.c, self.pair = c, pair
+
+        def forward(self, x, *args):
+            y = torch.full_like(x, self.c)
+            return (y, None) if self.pair else y
+
+    block.attn, block.moe = Const(1.0, False), Const(2.0, True)
+    x = torch.randn(2, 64, cfg.d_model)
+    torch.manual_seed(0)
+    delta = block(x, None, None)[0] - x
+    # each output is zeroed or scaled by 1 / (1 - p) = 2, independently
+    assert set(delta.round().unique().tolist()) == {0.0, 2.0, 4.0, 6.0}
+    block.eval()
+    assert torch.allclose(block(x, None, None)[0], x + 3)

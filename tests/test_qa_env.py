@@ -232,6 +232,62 @@ def test_sft_batch_trains_only_the_answer():
     assert tgt.tolist() == [[-100, -100, 8, 9, -100], [3, -100, -100, -100, -100]]
 
 
+def test_near_namesake_is_one_syllable_edit_per_word():
+    import random
+
+    from hmst.facts import _SYLLABLE, _make_name, near_namesake
+
+    rng = random.Random(0)
+    for _ in range(200):
+        name = _make_name(rng)
+        other = near_namesake(name, rng)
+        assert other != name and len(other.split()) == 2
+        for a, b in zip(name.split(), other.split()):
+            sa = [m.group(0).lower() for m in _SYLLABLE.finditer(a)]
+            sb = [m.group(0).lower() for m in _SYLLABLE.finditer(b)]
+            assert "".join(sb) == b.lower()  # still made of the name syllables
+            assert abs(len(sa) - len(sb)) <= 1 and len(sb) >= 2
+            # one replace / insert / delete: everything else is a shared prefix+suffix
+            pre = next(
+                (i for i, (x, y) in enumerate(zip(sa, sb)) if x != y),
+                min(len(sa), len(sb)),
+            )
+            post = next(
+                (i for i, (x, y) in enumerate(zip(sa[::-1], sb[::-1])) if x != y),
+                min(len(sa), len(sb)),
+            )
+            assert pre + post >= max(len(sa), len(sb)) - 1
+    assert near_namesake("Alice Smith", rng) != "Alice Smith"
+
+
+def test_sft_sampler_shows_near_namesake_lines_never_world_people():
+    import re
+
+    from hmst.training.qa_sft import make_sampler
+
+    class Chars:  # a stand-in tokenizer: one id per character
+        def encode(self, s):
+            return [ord(c) for c in s]
+
+    w = make_world(200, seed=0)
+    world_names = {f.subject for g in w.groups.values() for f in g}
+    known = {f.subject for f in w["known"]}
+    sample = make_sampler(w, Chars(), seed=0, replay=1.0)
+    namesake_lines = 0
+    for _ in range(400):
+        prompt, _ = sample()
+        text = "".join(map(chr, prompt))
+        asked = re.search(r"Question: .*?([A-Z][a-z]+ [A-Z][a-z]+)", text).group(1)
+        assert asked in known
+        for line in re.findall(r"Context: (.*)", text):
+            other = re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", line).group(1)
+            assert other != asked and other not in world_names
+            namesake_lines += other.split()[1][:2] == asked.split()[1][:2]
+    assert namesake_lines > 20
+    plain = make_sampler(w, Chars(), seed=0, replay=1.0, namesakes=False)
+    assert plain()  # the flag's other path still samples
+
+
 def test_build_table_times_each_configuration_as_a_median():
     from types import SimpleNamespace
 
@@ -277,3 +333,31 @@ def test_build_table_times_each_configuration_as_a_median():
     assert t.correct.all() and torch.allclose(t.first_p, torch.full((1, 8), 0.7))
     with pytest.raises(ValueError, match="timing_repeats"):
         build_table(FakeEngine(), [("known", fact, [])], log=None, timing_repeats=0)
+
+
+def test_answer_accuracy_is_greedy_exact_match():
+    from hmst.training.qa_sft import answer_accuracy
+
+    class Chars:
+        def encode(self, s):
+            return [ord(c) for c in s]
+
+    class Reads(torch.nn.Module):
+        """Predicts the next token of its input, except `wrong` wherever it sits."""
+
+        def __init__(self, wrong=None):
+            super().__init__()
+            self.embed = torch.nn.Embedding(1, 1)
+            self.wrong = wrong
+
+        def forward(self, ids):
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], 1)
+            if self.wrong is not None:
+                nxt = torch.where(nxt == self.wrong, nxt + 1, nxt)
+            return {"logits": torch.nn.functional.one_hot(nxt, 256).float()}
+
+    items = [("Who?", [], "Bo"), ("Where?", ["Context line."], "Oslo")]
+    assert answer_accuracy(Reads(), Chars(), items) == 1.0
+    # a wrong answer token ("B" of "Bo") fails that item; prompt tokens do not count
+    assert answer_accuracy(Reads(ord("B")), Chars(), items) == 0.5
+    assert answer_accuracy(Reads(ord("W")), Chars(), items) == 1.0

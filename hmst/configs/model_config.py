@@ -43,7 +43,8 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     dropout: float = 0.0
-    """Dropout on attention output and expert output (0 disables it)."""
+    """Dropout (training only) on the attention probabilities and on each block's
+    attention and expert outputs before they join the residual stream (0: none)."""
     load_balance_coef: float = 0.01
     """Weight of the Switch load-balancing loss in the training objective."""
     router_z_coef: float = 1e-3

@@ -25,11 +25,19 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.moe_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.moe = MoE(cfg)
+        self.dropout = cfg.dropout
 
     def forward(self, x, cos, sin, cache=None, pos=0, mask=None, expert_bias=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, pos, mask)
+        a = self.attn(self.attn_norm(x), cos, sin, cache, pos, mask)
+        x = x + self._drop(a)
         y, router = self.moe(self.moe_norm(x), expert_bias)
-        return x + y, router
+        return x + self._drop(y), router
+
+    def _drop(self, y):
+        """Residual dropout (nanoGPT's: each sublayer's output, in training only)."""
+        if self.dropout and self.training:
+            return F.dropout(y, self.dropout, training=True)
+        return y
 
 
 class BaseMoEModel(nn.Module):
