@@ -8,7 +8,7 @@ Targets (issue #2): MoE val perplexity >= 5% lower; max/mean <= 1.5 and no exper
 2% of tokens in every layer.
 
     python bench/bench_moe_vs_dense.py [--steps 200] [--threads 1] [--balance-bias RATE]
-                                     [--seed 0] [--dropout P]
+                                     [--seed 0] [--dropout P] [--corpus FILE]
 """
 
 import argparse
@@ -52,6 +52,8 @@ def main():
         help="the MoE's balance_bias_rate (auxiliary-loss-free balancing; default: "
         "the micro preset's)",
     )
+    p.add_argument("--corpus", help="text file to train and validate on (last 10%%: "
+                   "validation; default: the bundled tinyshakespeare)")  # fmt: skip
     p.add_argument("--dropout", type=float, default=0.0,
                    help="dropout of both models (ModelConfig.dropout)")  # fmt: skip
     args = p.parse_args()
@@ -62,7 +64,7 @@ def main():
         cfg = dataclasses.replace(cfg, balance_bias_rate=args.balance_bias)
     cfg = dataclasses.replace(cfg, dropout=args.dropout)
     print(f"MoE balance_bias_rate {cfg.balance_bias_rate}", flush=True)
-    tok, train, val = prepare_corpus(cfg.vocab_size)
+    tok, train, val = prepare_corpus(cfg.vocab_size, corpus=args.corpus)
     torch.manual_seed(args.seed)
     moe = BaseMoEModel(config=cfg)
     torch.manual_seed(args.seed)
@@ -83,7 +85,8 @@ def main():
     loads = load_stats(counts)
     tokens = args.steps * args.batch * cfg.max_seq_len
     print(f"\n{args.steps} steps x {args.batch} x {cfg.max_seq_len} = {tokens:,} "
-          f"training tokens each; {args.threads} thread(s)")  # fmt: skip
+          f"training tokens each ({tokens / train.num_tokens:.2f} epochs of "
+          f"{train.num_tokens:,}); {args.threads} thread(s)")  # fmt: skip
     print(f"active params: moe {cfg.num_params(active=True) / 1e6:.2f}M of "
           f"{n_moe / 1e6:.2f}M total; dense {n_dense / 1e6:.2f}M")  # fmt: skip
     print(f"{'model':<8}{'cpu s':>8}{'val loss':>10}{'val ppl':>9}{'val bpb':>9}")

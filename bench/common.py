@@ -116,9 +116,10 @@ def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n**3 / best
 
 
-def prepare_corpus(vocab_size: int, val_fraction: float = 0.1):
-    """Tokenizer trained on the first 90% of the bundled corpus; (tok, train, val)."""
-    docs = read_documents([CORPUS])
+def prepare_corpus(vocab_size: int, val_fraction: float = 0.1, corpus=None):
+    """Tokenizer trained on the first 90% of `corpus` (default: the bundled
+    tinyshakespeare); (tok, train, val)."""
+    docs = read_documents([corpus or CORPUS])
     train_docs, val_docs = split_documents_tail(docs, val_fraction)
     tok = HMSTTokenizer.train(train_docs, vocab_size)
     train = TokenData([tokenize_documents(tok, train_docs)])

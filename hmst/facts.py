@@ -142,9 +142,9 @@ _SYLLABLE = re.compile(
 
 
 def near_namesake(name: str, rng: random.Random) -> str:
-    """A different name one edit of a syllable away in each word (replaced, added or
-    removed): "Stosti Loboukrou" -> "Teposti Fiboukrou"-like, the names a dense
-    search confuses. Names not made by `_make_name` get one replaced syllable."""
+    """A different name one syllable edit away in each word (replaced, added or
+    removed: "Stosti Loboukrou" -> "Stodusti Lobou"), the kind of name a dense search
+    confuses. A word not made of `_make_name` syllables counts as one syllable."""
     words = []
     for word in name.split():
         syl = [m.group(0).lower() for m in _SYLLABLE.finditer(word)]

@@ -15,10 +15,10 @@ This stage trains only those: each batch is a mix of
            in 400 steps; with 30% replay it stays at 98%)
   namesake half of the other-person lines (reading and replay) are the same relation
            of a near-namesake (`hmst.facts.near_namesake`: "Stosti Loboukrou" vs
-           "Teposti Fiboukrou"), the line a dense search of memory confuses with the
+           "Stodusti Lobou"), the line a dense search of memory confuses with the
            asked person. Measured on the QA LM, every known fact asked with one such
-           line in context: 73.3% exact match after the SFT without them, 97.6%
-           after 1400 more steps with them (bare: 100% both)
+           line in context: 75.0% exact match after the SFT without them, 98.7%
+           after 1400 more steps with them (bare: 100% both; `evaluate_reader`)
 and the loss is cross-entropy on " answer\\n" given the prompt. Measured on the QA LM
 (400 steps): reading with the right statement in context 94.3% -> 97.7% exact match.
 """
