@@ -145,19 +145,22 @@ def near_namesake(name: str, rng: random.Random) -> str:
     """A different name one syllable edit away in each word (replaced, added or
     removed: "Stosti Loboukrou" -> "Stodusti Lobou"), the kind of name a dense search
     confuses. A word not made of `_make_name` syllables counts as one syllable."""
+
+    def syllable():
+        return rng.choice(_ONSETS) + rng.choice(_VOWELS)
+
     words = []
     for word in name.split():
         syl = [m.group(0).lower() for m in _SYLLABLE.finditer(word)]
         if "".join(syl) != word.lower() or not syl:
             syl = [word.lower()]
-        new = lambda: rng.choice(_ONSETS) + rng.choice(_VOWELS)  # noqa: E731
         i, op = rng.randrange(len(syl)), rng.choice("rdi" if len(syl) > 2 else "ri")
         if op == "r":
-            syl[i] = new()
+            syl[i] = syllable()
         elif op == "d":
             del syl[i]
         else:
-            syl.insert(i, new())
+            syl.insert(i, syllable())
         words.append("".join(syl).capitalize())
     out = " ".join(words)
     return out if out != name else near_namesake(name, rng)

@@ -33,8 +33,7 @@ import time
 
 import torch
 
-from hmst.facts import namesake_fact
-from hmst.facts import make_fact_base
+from hmst.facts import make_fact_base, namesake_fact
 from hmst.qa import VALUE_RELATIONS, format_prompt, make_world, reading_facts
 
 PROG = "qa_sft"
