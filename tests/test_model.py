@@ -119,12 +119,15 @@ def _assert_same(a, b, loss_tol=1e-6, grad_rtol=1e-5):
         torch.testing.assert_close(ga, gb, atol=1e-6, rtol=grad_rtol)
 
 
-def test_gradient_checkpointing_same_grads():
-    model = BaseMoEModel(config=tiny_config())
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_gradient_checkpointing_same_grads(dropout):
+    """With dropout the recomputed blocks must replay the same masks."""
+    model = BaseMoEModel(config=tiny_config(dropout=dropout))
     x = torch.randint(0, 300, (2, 16))
     runs = []
     for flag in (False, True):
         model.gradient_checkpointing_enable(flag)
+        torch.manual_seed(1)
         runs.append(_losses_and_grads(model, x))
     _assert_same(*runs)
 

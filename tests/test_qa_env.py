@@ -272,20 +272,22 @@ def test_sft_sampler_shows_near_namesake_lines_never_world_people():
     w = make_world(200, seed=0)
     world_names = {f.subject for g in w.groups.values() for f in g}
     known = {f.subject for f in w["known"]}
-    sample = make_sampler(w, Chars(), seed=0, replay=1.0)
-    namesake_lines = 0
-    for _ in range(400):
-        prompt, _ = sample()
-        text = "".join(map(chr, prompt))
-        asked = re.search(r"Question: .*?([A-Z][a-z]+ [A-Z][a-z]+)", text).group(1)
-        assert asked in known
-        for line in re.findall(r"Context: (.*)", text):
-            other = re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", line).group(1)
-            assert other != asked and other not in world_names
-            namesake_lines += other.split()[1][:2] == asked.split()[1][:2]
-    assert namesake_lines > 20
-    plain = make_sampler(w, Chars(), seed=0, replay=1.0, namesakes=False)
-    assert plain()  # the flag's other path still samples
+
+    def namesake_lines(namesakes: bool) -> int:
+        """Context lines whose person shares the asked surname's first syllable."""
+        sample = make_sampler(w, Chars(), seed=0, replay=1.0, namesakes=namesakes)
+        n = 0
+        for _ in range(400):
+            text = "".join(map(chr, sample()[0]))
+            name = re.search(r"Question: .*?([A-Z][a-z]+ [A-Z][a-z]+)", text).group(1)
+            assert name in known
+            for line in re.findall(r"Context: (.*)", text):
+                other = re.search(r"([A-Z][a-z]+ [A-Z][a-z]+)", line).group(1)
+                assert other != name and other not in world_names
+                n += other.split()[1][:2] == name.split()[1][:2]
+        return n
+
+    assert namesake_lines(True) > 20 > 5 > namesake_lines(False)
 
 
 def test_build_table_times_each_configuration_as_a_median():
