@@ -2,9 +2,11 @@
 
 import json
 import os
+import glob
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import pytest
@@ -45,8 +47,21 @@ def cmd(out, procs, *extra):
 
 
 def run(c):
-    r = subprocess.run(c, cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-2000:]
+    """Run `c`; on failure show the launcher's stderr and, for torchrun, each rank's
+    own stderr (torchrun's summary alone hides which rank failed and why)."""
+    with tempfile.TemporaryDirectory() as logs:
+        if c[: len(TORCHRUN)] == TORCHRUN:  # per-rank files under logs/
+            c = [*TORCHRUN, "--log-dir", logs, "--redirects", "2", *c[len(TORCHRUN) :]]
+        r = subprocess.run(c, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        if r.returncode != 0:
+            ranks = sorted(
+                glob.glob(os.path.join(logs, "**", "stderr.log"), recursive=True)
+            )
+            tails = [
+                f"--- {os.path.relpath(f, logs)}\n{open(f).read()[-3000:]}"
+                for f in ranks
+            ]
+            pytest.fail("\n".join([f"exit {r.returncode}", r.stderr[-2000:], *tails]))
     return r
 
 

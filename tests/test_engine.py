@@ -13,7 +13,12 @@ import torch
 
 from conftest import ROOT, Recorder, tiny_config
 from hmst.configs.model_config import CriticConfig
-from hmst.inference.engine import DECISIONS, EngineConfig, HMSTInferenceEngine
+from hmst.inference.engine import (
+    DECISIONS,
+    FEATURES,
+    EngineConfig,
+    HMSTInferenceEngine,
+)
 from hmst.memory.episodic import EpisodicMemory
 from hmst.memory.retriever import Retriever, RetrieverConfig
 from hmst.memory.semantic import SemanticMemory
@@ -383,6 +388,40 @@ def test_probe_features_are_the_retrievers_features(engine):
     torch.testing.assert_close(qfeat, ref[: qfeat.numel()])
     r = engine.retriever.embed_features(ref[None], "query")[0]
     torch.testing.assert_close(probe["q_vec"], r)
+
+
+def test_prompt_nll_is_the_prompts_mean_token_nll(engine):
+    """The familiarity feature is the LM's mean NLL of the prompt's tokens (from the
+    probe's prefill; no second forward), in units of ln V."""
+    _, vec, feats, probe = engine.state_features("Who is a baker?")
+    x = torch.tensor([probe["ids"]])
+    with torch.no_grad():
+        logits = engine.model(x)["logits"][0, :-1].float()
+    want = torch.nn.functional.cross_entropy(logits, x[0, 1:]).item()
+    V = engine.model.config.vocab_size
+    assert feats["prompt_nll"] == pytest.approx(want / math.log(V), rel=1e-5)
+    assert vec[FEATURES.index("prompt_nll")] == pytest.approx(feats["prompt_nll"])
+
+
+def test_a_controller_of_other_features_is_refused(tiny_system, tmp_path):
+    import shutil
+
+    from hmst.inference.engine import add_component
+    from hmst.models.meta_controller import (
+        ControllerConfig,
+        build_controller,
+        save_controller,
+    )
+
+    path = str(tmp_path / "system")
+    shutil.copytree(tiny_system, path)
+    cfg = ControllerConfig(query_dim=8, num_features=len(FEATURES) - 1, n_experts=4)
+    save_controller(os.path.join(path, "controller"), *build_controller(cfg), cfg, {})
+    add_component(path, "controller")
+    with pytest.raises(
+        ValueError, match=f"reads {len(FEATURES) - 1} state features.*retrain"
+    ):
+        HMSTInferenceEngine.from_pretrained(path)
 
 
 def test_remembered_sentence_keeps_its_tokens(tokenizer):

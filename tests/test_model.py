@@ -51,6 +51,22 @@ def test_grouped_dispatch_matches_reference(force_idle):
     )
 
 
+def test_gate_scale_scales_the_routed_output():
+    """gate_scale multiplies the renormalised top-k gates (they sum to it), so the
+    routed output scales by it and the choice of experts does not change."""
+    torch.manual_seed(0)
+    one = MoE(tiny_config(n_experts=6))
+    two = MoE(tiny_config(n_experts=6, gate_scale=2.0))
+    two.load_state_dict(one.state_dict())
+    x = torch.randn(2, 10, 32)
+    (y1, r1), (y2, r2) = one(x), two(x)
+    assert torch.equal(r1.topk_idx_TK, r2.topk_idx_TK)
+    torch.testing.assert_close(r2.gates_TK.sum(-1), torch.full((20,), 2.0))
+    torch.testing.assert_close(y2, 2 * y1)
+    with pytest.raises(ValueError, match="gate_scale"):
+        tiny_config(gate_scale=0.0)
+
+
 def test_load_balance_loss_formula():
     # 4 assignments: expert 0 gets 3, expert 1 gets 1; mean router probs (0.7, 0.3)
     counts = torch.tensor([3, 1])

@@ -52,6 +52,10 @@ class ModelConfig:
     balance_bias_rate: float = 0.0
     """Auxiliary-loss-free balancing (DeepSeek-V3): after each training step every
     expert's selection bias moves by this much toward an even load (0 disables it)."""
+    gate_scale: float = 1.0
+    """Routed scaling factor (DeepSeek-V2/V3): the top-k gates, renormalised to sum to
+    1, are multiplied by this. At top_k, k experts of width d_ff then weigh like one
+    dense SwiGLU of width k * d_ff instead of half (or 1/k) of it."""
     init_std: float = 0.02
     """Std of the normal init of linear and embedding weights."""
     tie_embeddings: bool = True
@@ -80,6 +84,8 @@ class ModelConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.gate_scale <= 0:
+            raise ValueError(f"gate_scale must be > 0, got {self.gate_scale}")
 
     @property
     def kv_heads(self) -> int:

@@ -72,6 +72,7 @@ FEATURES = (
     "semantic_best",  # score of the top semantic hit (the probe's index search)
     "semantic_size",  # log10(1 + entries) / 7
     "router_entropy",  # mean router entropy over the prompt, / ln E
+    "prompt_nll",  # mean NLL of the prompt's tokens under the LM, / ln V: familiarity
 )
 MANIFEST = "manifest.json"
 FORMAT = "hmst-system"
@@ -284,6 +285,15 @@ class HMSTInferenceEngine:
         if self.retriever is not None:
             rfeat = self.retriever.pool(x, emb, hidden)[0].cpu()
         r_ent = out.get("router_entropy")
+        # How familiar the query is to the LM (free: the prefill's logits). Text seen
+        # in pretraining (a known person's name) reads at low NLL; a name the LM never
+        # saw reads high even when its first answer token is confidently (wrongly) set.
+        logp = out["logits"][0, :-1].float().log_softmax(-1)
+        nll = (
+            -logp.gather(1, x[0, 1:, None]).mean()
+            if len(ids) > 1
+            else logp.new_zeros(())
+        )
         feats = dict(
             max_prob=float(top2[0]),
             entropy=float(ent),
@@ -292,6 +302,7 @@ class HMSTInferenceEngine:
             router_entropy=(
                 float(r_ent.mean()) / math.log(E) if r_ent is not None else 0.0
             ),
+            prompt_nll=float(nll) / math.log(V),
         )
         router = out["router_probs"].float().mean(0).cpu()
         return ids, qfeat, rfeat, feats, router, (caches, out["logits"][:, -1])
@@ -747,6 +758,13 @@ class HMSTInferenceEngine:
             enc, ctl, _, _ = load_controller(
                 os.path.join(path, "controller"), device=device
             )
+            if enc.num_features != len(FEATURES):
+                raise ValueError(
+                    f"the controller in {path} reads {enc.num_features} state features,"
+                    f" this engine computes {len(FEATURES)} ({', '.join(FEATURES)}):"
+                    " retrain it with python -m hmst.training.rl_train --checkpoint "
+                    f"{path} --episodes 20000"
+                )
             parts["controller"] = (enc.eval(), ctl.eval())
         engine = cls(model, tok, config=cfg, policy=policy, observe=observe, **parts)
         engine.manifest_extra = manifest.get("extra", {})

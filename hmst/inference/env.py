@@ -376,13 +376,17 @@ def load_table(
     """The outcome table of `split` ("train" or "test"), built once with the engine
     and cached beside the system (rl_table_<split>.safetensors). `per_category` None:
     whatever table is cached (150 per category if none is)."""
-    from hmst.inference.engine import HMSTInferenceEngine
+    from hmst.inference.engine import FEATURES, HMSTInferenceEngine
 
     if split not in ("train", "test"):
         raise ValueError(f"split must be train or test, not {split!r}")
     path = table_path(checkpoint, split)
     want = dict(
-        split=split, per_category=per_category, seed=seed, timing_repeats=timing_repeats
+        split=split,
+        per_category=per_category,
+        seed=seed,
+        timing_repeats=timing_repeats,
+        features=list(FEATURES),  # a table of other state features is stale
     )
     if per_category is None:
         want.pop("per_category")

@@ -27,7 +27,7 @@ from hmst.models.layers import SwiGLU
 
 class RouterOutput(NamedTuple):
     topk_idx_TK: torch.Tensor  # chosen experts, long
-    gates_TK: torch.Tensor  # renormalised top-k probabilities (sum to 1 per token)
+    gates_TK: torch.Tensor  # top-k probabilities renormalised to sum to gate_scale
     probs_mean_E: torch.Tensor  # mean router probability per expert (differentiable)
     counts_E: torch.Tensor  # assignments per expert (long, no grad)
     z_loss: torch.Tensor  # scalar
@@ -47,7 +47,8 @@ def select_experts(router: "Router", x_TD: torch.Tensor, expert_bias_E=None):
     """The routing decision, shared by every forward path (training, decoding, early
     exit): fp32 logits (T, E) and probabilities, the top-k experts by logits plus the
     router's balance bias (plus `expert_bias_E`, e.g. the meta-controller's preference,
-    in log space), and the chosen experts' probabilities renormalised to sum to 1.
+    in log space), and the chosen experts' probabilities renormalised to sum to 1,
+    times `router.gate_scale`.
     The biases decide which experts run, never how much each counts."""
     logits_TE = F.linear(x_TD.float(), router.gate.weight.float())
     probs_TE = logits_TE.softmax(dim=-1)
@@ -56,7 +57,10 @@ def select_experts(router: "Router", x_TD: torch.Tensor, expert_bias_E=None):
         select_TE = select_TE + expert_bias_E
     topk_idx_TK = select_TE.topk(router.top_k, dim=-1).indices
     gates_TK = probs_TE.gather(1, topk_idx_TK)
-    return logits_TE, probs_TE, topk_idx_TK, gates_TK / gates_TK.sum(-1, keepdim=True)
+    gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+    if router.gate_scale != 1.0:
+        gates_TK = gates_TK * router.gate_scale
+    return logits_TE, probs_TE, topk_idx_TK, gates_TK
 
 
 class Router(nn.Module):
@@ -64,10 +68,13 @@ class Router(nn.Module):
     balancing bias (DeepSeek-V3), moved by `update_balance_bias` after each training
     step; zeros and not saved when the model does not use it (`balance_bias_rate` 0)."""
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, balance=False):
+    def __init__(
+        self, d_model: int, n_experts: int, top_k: int, balance=False, gate_scale=1.0
+    ):
         super().__init__()
         self.gate = nn.Linear(d_model, n_experts, bias=False)
         self.n_experts, self.top_k, self.balanced = n_experts, top_k, balance
+        self.gate_scale = gate_scale
         self.register_buffer("balance_bias", torch.zeros(n_experts), persistent=balance)
 
     def forward(self, x_TD: torch.Tensor, expert_bias_E: torch.Tensor | None = None):
@@ -141,6 +148,7 @@ class MoE(nn.Module):
             cfg.n_experts,
             cfg.num_experts_per_tok,
             balance=getattr(cfg, "balance_bias_rate", 0.0) > 0,
+            gate_scale=getattr(cfg, "gate_scale", 1.0),
         )
         self.experts = nn.ModuleList(
             SwiGLU(cfg.d_model, cfg.d_ff) for _ in range(cfg.n_experts)
