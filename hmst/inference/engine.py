@@ -200,6 +200,13 @@ class HMSTInferenceEngine:
                 "no meta-controller: train one with `python -m hmst.training.rl_train "
                 "--checkpoint DIR`, or use policy='fixed'"
             )
+        if controller is not None and controller[0].num_features != len(FEATURES):
+            raise ValueError(
+                f"the controller reads {controller[0].num_features} state features, "
+                f"this engine computes {len(FEATURES)} ({', '.join(FEATURES)}): "
+                "retrain it with python -m hmst.training.rl_train --checkpoint SYSTEM "
+                "--episodes 20000"
+            )
         self.model, self.tokenizer = model.eval(), tokenizer
         self.retriever = retriever.eval() if retriever is not None else None
         self.semantic, self.episodic = semantic, episodic
@@ -288,12 +295,9 @@ class HMSTInferenceEngine:
         # How familiar the query is to the LM (free: the prefill's logits). Text seen
         # in pretraining (a known person's name) reads at low NLL; a name the LM never
         # saw reads high even when its first answer token is confidently (wrongly) set.
-        logp = out["logits"][0, :-1].float().log_softmax(-1)
-        nll = (
-            -logp.gather(1, x[0, 1:, None]).mean()
-            if len(ids) > 1
-            else logp.new_zeros(())
-        )
+        nll = 0.0
+        if len(ids) > 1:
+            nll = float(F.cross_entropy(out["logits"][0, :-1].float(), x[0, 1:]))
         feats = dict(
             max_prob=float(top2[0]),
             entropy=float(ent),
@@ -302,7 +306,7 @@ class HMSTInferenceEngine:
             router_entropy=(
                 float(r_ent.mean()) / math.log(E) if r_ent is not None else 0.0
             ),
-            prompt_nll=float(nll) / math.log(V),
+            prompt_nll=nll / math.log(V),
         )
         router = out["router_probs"].float().mean(0).cpu()
         return ids, qfeat, rfeat, feats, router, (caches, out["logits"][:, -1])
@@ -758,13 +762,6 @@ class HMSTInferenceEngine:
             enc, ctl, _, _ = load_controller(
                 os.path.join(path, "controller"), device=device
             )
-            if enc.num_features != len(FEATURES):
-                raise ValueError(
-                    f"the controller in {path} reads {enc.num_features} state features,"
-                    f" this engine computes {len(FEATURES)} ({', '.join(FEATURES)}):"
-                    " retrain it with python -m hmst.training.rl_train --checkpoint "
-                    f"{path} --episodes 20000"
-                )
             parts["controller"] = (enc.eval(), ctl.eval())
         engine = cls(model, tok, config=cfg, policy=policy, observe=observe, **parts)
         engine.manifest_extra = manifest.get("extra", {})
