@@ -1,7 +1,8 @@
 """Early exit vs the full model: test perplexity, block evaluations, decode time.
 
 Needs heads from `python -m hmst.training.early_exit_train`. On the held-out test
-slice (last --val-split of the corpus, tokenizer from the checkpoint): teacher-forced
+slice the heads were saved with (`early_exit_train --tune-on`; tokenizer from the
+checkpoint): teacher-forced
 perplexity of the emitted distributions and exact block evaluations per token, for the
 full model, the tuned threshold and a sweep. Then greedy decoding of --new-tokens at
 batch 1 with the KV cache from --prompts prompts of the test slice: process CPU time
@@ -36,16 +37,18 @@ from hmst.training.early_exit_train import (  # noqa: E402
     format_row,
     load_heads,
     prepare_splits,
-    windows_of,
+    split_args,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def default_sweep(heads_dir: str, tuned: float) -> list[float]:
-    """Thresholds of the tuning table nearest to 10/20/30/40% saved, plus the tuned."""
+def default_sweep(heads_dir: str, tuned: float, bonus: float) -> list[float]:
+    """Thresholds of the tuning table (at the tuned depth bonus) nearest to
+    10/20/30/40% saved, plus the tuned."""
     with open(os.path.join(heads_dir, CONFIG_FILE)) as f:
         rows = json.load(f)["meta"]["tune"]["rows"]
+    rows = [r for r in rows if r.get("depth_bonus", 0.0) == bonus]
     picks = {tuned}
     for target in (0.1, 0.2, 0.3, 0.4):
         r = min(rows, key=lambda r: abs(r["saved_fraction"] - target))
@@ -110,8 +113,6 @@ def main():
     p.add_argument("--checkpoint", default=os.path.join(ROOT, "checkpoints/micro/best"))
     p.add_argument("--heads", required=True, help="early_exit_train --output DIR")
     p.add_argument("--data", default=os.path.join(ROOT, "data/tinyshakespeare.txt"))
-    p.add_argument("--val-split", type=float, default=0.1)
-    p.add_argument("--tune-fraction", type=float, default=0.05)
     p.add_argument("--sweep", type=float, nargs="+", default=None)
     p.add_argument("--max-prob", type=float, nargs="*", default=[],
                    help="also the max-prob rule at these thresholds")  # fmt: skip
@@ -134,18 +135,25 @@ def main():
     model.eval().requires_grad_(False)
     heads = load_heads(args.heads, model).eval()
     tuned = heads.threshold
-    sweep = sorted(set(args.sweep or default_sweep(args.heads, tuned)) | {tuned})
+    sweep = sorted(
+        set(args.sweep or default_sweep(args.heads, tuned, heads.config.depth_bonus))
+        | {tuned}
+    )
     L = model.config.n_layers
-    _, _, test = prepare_splits(tok, args.data, args.val_split, args.tune_fraction)
-    windows = windows_of(test, model.config.max_seq_len, args.test_windows)
+    splits = split_args(args.heads)  # the heads' own test slice
+    _, _, windows = prepare_splits(tok, args.data, model.config.max_seq_len, **splits)
+    windows = windows[: args.test_windows]
     say(f"# bench_early_exit: {args.checkpoint} + heads {args.heads}")
     say(f"# torch {torch.__version__}, {args.threads} thread(s), fp32, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")  # fmt: skip
     say(f"# exit layers {list(heads.config.exit_layers)} of {L} blocks, rule "
-        f"{heads.config.rule}, tuned threshold {tuned:.6f}")  # fmt: skip
+        f"{heads.config.rule}, depth bonus {heads.config.depth_bonus:g}, tuned "
+        f"threshold {tuned:.6f}")  # fmt: skip
 
-    say(f"\n## test slice: {len(windows)} windows x {model.config.max_seq_len} tokens"
-        " (teacher-forced; layers = block evaluations per token)")  # fmt: skip
+    say(
+        f"\n## test slice: {len(windows)} windows x {model.config.max_seq_len} tokens"
+        f" (teacher-forced; layers = block evaluations per token); split {splits}"
+    )
     say(TABLE_HEAD + "   kv_fills/token")
     full = evaluate_exit(model, None, windows, None)
     base = full["ppl"]

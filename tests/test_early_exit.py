@@ -2,6 +2,7 @@
 the teacher-forced simulation, heads save -> load, CLI errors."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -22,8 +23,12 @@ from hmst.models.early_exit import (
 )
 from hmst.training.early_exit_train import (
     CONFIG_FILE,
+    KL_FLOOR,
+    confidence_target,
     evaluate_exit,
+    exit_features,
     exit_oracle,
+    fit_confidence,
     head_losses,
     load_heads,
     save_heads,
@@ -106,6 +111,28 @@ def test_exit_oracle_ends_match_the_full_model_and_first_head():
     assert hi["ppl"] == pytest.approx(first["ppl"], rel=1e-4)
 
 
+def test_depth_bonus_adds_a_log_of_blocks_saved_to_the_score():
+    model, heads = build(layers=(0, 1, 2))
+    x = torch.randn(5, model.config.d_model)
+    plain = {i: heads.score(i, x) for i in (0, 1, 2)}
+    heads.config.depth_bonus = 2.0
+    for i in (0, 1, 2):  # an exit after block i saves L - 1 - i blocks
+        assert heads.bonus(i) == pytest.approx(2.0 * math.log(L - 1 - i))
+        torch.testing.assert_close(heads.score(i, x), plain[i] + heads.bonus(i))
+    assert heads.bonus(2) == 0.0  # saves one block: ln 1 = 0
+    ids = torch.randint(0, 300, (2, 32))
+    tau = mid_threshold(model, heads, ids)
+    out = early_exit_forward(model, heads, ids, threshold=tau)
+    heads.config.depth_bonus = 0.0
+    ref = early_exit_forward(model, heads, ids, threshold=tau)
+    # Every score rose or stayed, so position 0 (whose states depend on no other
+    # token's exit) can only exit earlier; the bonus changes some decisions.
+    assert (out["exit_layer"][:, 0] <= ref["exit_layer"][:, 0]).all()
+    assert not torch.equal(out["exit_layer"], ref["exit_layer"])
+    with pytest.raises(ValueError, match="depth_bonus"):
+        EarlyExitConfig((0, 1), depth_bonus=-1.0)
+
+
 def test_prompt_positions_never_exit():
     model, heads = build()
     ids = torch.randint(0, 300, (2, 32))
@@ -116,13 +143,15 @@ def test_prompt_positions_never_exit():
     torch.testing.assert_close(out["logits"][:, :10], ref[:, :10])
 
 
-@pytest.mark.parametrize("rule", ["learned", "max_prob"])
-def test_cached_decode_equals_teacher_forced_simulation(rule):
+@pytest.mark.parametrize("rule,bonus", [("learned", 0.0), ("learned", 1.5),
+                                        ("max_prob", 0.0)])  # fmt: skip
+def test_cached_decode_equals_teacher_forced_simulation(rule, bonus):
     """Token-by-token decoding with the KV cache (K/V fill for skipped blocks) takes
     the same exit decisions and emits the same distributions as the layer-parallel
     teacher-forced pass over the whole sequence; fp64 so no decision sits on a
     rounding tie."""
     model, heads = build(torch.float64, rule=rule)
+    heads.config.depth_bonus = bonus
     prompt = torch.randint(0, 300, (1, 6))
     if rule == "learned":
         tau = mid_threshold(model, heads, prompt)
@@ -151,8 +180,31 @@ def test_only_heads_get_gradients():
     loss.backward()
     assert set(kls) == {0, 1, 2} and all(v >= 0 for v in kls.values())
     assert all(p.grad is None for p in model.parameters())
-    grads = [p.grad for p in heads.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None for p in heads.conf.parameters())  # fitted in phase 2
+    grads = [p.grad for n, p in heads.named_parameters() if not n.startswith("conf.")]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_fit_confidence_learns_to_rank_tokens_by_kl():
+    """Phase 2 fits each probe's logit to logit(exp(-KL)): it must beat the best
+    constant on its own data and rank tokens by KL (higher score, lower KL)."""
+    model, heads = build(layers=(1, 2))
+    windows = [torch.randint(0, 300, (33,)).numpy() for _ in range(32)]
+    mse = fit_confidence(model, heads, windows, epochs=30, seed=0, lr=1e-2)
+    feats = exit_features(model, heads, windows)
+    for layer, (x, kl) in feats.items():
+        target = confidence_target(kl)
+        assert mse[layer] < 0.75 * target.var().item()
+        z = heads.confidence_logit(layer, x)
+        top, bottom = kl[z >= z.median()], kl[z < z.median()]
+        assert top.mean() < bottom.mean()
+    assert all(not p.requires_grad for p in heads.parameters())
+
+
+def test_confidence_target_is_the_logit_of_exp_minus_kl():
+    kl = torch.tensor([1e-6, 0.01, 0.5, 3.0], dtype=torch.float64)
+    q = torch.exp(-kl.clamp_min(KL_FLOOR))
+    torch.testing.assert_close(confidence_target(kl), torch.log(q / (1 - q)))
 
 
 @pytest.mark.parametrize("hidden", [0, 16])

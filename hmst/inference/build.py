@@ -198,8 +198,8 @@ def build_early_exit(model_dir: str, corpus: str, out_dir: str, steps: int):
 
     meta = early_exit_train.main(
         ["--checkpoint", model_dir, "--output", out_dir, "--data", corpus,
-         "--steps", str(steps), "--val-split", "0.05", "--tune-fraction", "0.05",
-         "--tune-windows", "48", "--test-windows", "48"]
+         "--steps", str(steps), "--val-split", "0.05", "--tune-on", "train-tail",
+         "--tune-fraction", "0.05", "--tune-windows", "48", "--test-windows", "48"]
     )  # fmt: skip
     return meta
 

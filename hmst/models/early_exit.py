@@ -6,10 +6,14 @@ Glossary (shape legend: B batch, T tokens, D d_model, V vocab, L blocks, N rows)
   head_l    RMSNorm_l -> optional low-rank adapter (x + U_l D_l x) -> the model's own
             tied LM head (`model.embed.weight`): D + 2 r D parameters per head
   c_l(x)    learned confidence in (0, 1): sigmoid(MLP_l(rms_norm(x))) (or a linear
-            probe), trained to predict q = exp(-KL(p_L || p_l)), how close head_l
-            is to the full model
+            probe), fitted so that its logit predicts logit(q), q = exp(-KL(p_L ||
+            p_l)): how close head_l is to the full model, on a log-KL scale
             (q >= tau <=> KL <= -ln tau nats; tau 0.99 ~ 0.01 nats)
   tau       exit after block l when c_l >= tau; tau > 1 never exits
+  a         `depth_bonus`: the test is logit(c_l) + a ln(L-1-l) >= logit(tau), i.e.
+            roughly predicted KL <= KL_tau (L-1-l)^a: an exit that saves more
+            blocks may cost more (a Lagrangian trade of ppl for blocks; 0: one
+            threshold for every layer)
   K/V fill  a token that exits after block l still owes keys/values to blocks
             l+1..L-1 (later tokens attend to them): they are computed from its exit
             hidden state through those blocks' attn_norm + k_proj/v_proj only (no
@@ -56,6 +60,8 @@ class EarlyExitConfig:
     it ranked tokens as well as a 64-wide MLP in our tuning runs)."""
     threshold: float = NEVER
     """Exit when confidence >= threshold (tuned by early_exit_train)."""
+    depth_bonus: float = 0.0
+    """a >= 0: the learned rule's score gets + a ln(blocks saved) (tuned with it)."""
     rule: str = "learned"
     """"learned" (c_l) or "max_prob" (max softmax of head_l)."""
 
@@ -65,8 +71,8 @@ class EarlyExitConfig:
             set(self.exit_layers)
         ):
             raise ValueError(f"exit_layers must be sorted, unique: {self.exit_layers}")
-        if self.adapter_rank < 0 or self.conf_hidden < 0:
-            raise ValueError("adapter_rank and conf_hidden must be >= 0")
+        if self.adapter_rank < 0 or self.conf_hidden < 0 or self.depth_bonus < 0:
+            raise ValueError("adapter_rank, conf_hidden, depth_bonus must be >= 0")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
 
@@ -146,10 +152,24 @@ class EarlyExitHeads(nn.Module):
         x = F.rms_norm(x_ND, (x_ND.shape[-1],), eps=self.model_config.norm_eps)
         return self.conf[self.slot[layer]](x).squeeze(-1)
 
+    def bonus(self, layer: int) -> float:
+        """a ln(blocks saved) of an exit after `layer` (see `depth_bonus`)."""
+        saved = self.model_config.n_layers - 1 - layer
+        return (
+            self.config.depth_bonus * math.log(saved)
+            if self.config.depth_bonus
+            else 0.0
+        )
+
+    def score(self, layer: int, x_ND: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 exit score of the learned rule: logit(c_l) + bonus."""
+        return self.confidence_logit(layer, x_ND).double() + self.bonus(layer)
+
     def confidence(self, model, layer: int, x_ND: torch.Tensor, rule: str):
-        """(N,) confidence and, for max_prob, the (N, V) logits it had to compute."""
+        """(N,) confidence (with the depth bonus) and, for max_prob, the (N, V) logits
+        it had to compute."""
         if rule == "learned":
-            return torch.sigmoid(self.confidence_logit(layer, x_ND)), None
+            return torch.sigmoid(self.score(layer, x_ND)), None
         logits = self.logits(model, layer, x_ND)
         return logits.float().softmax(-1).amax(-1), logits
 
@@ -161,7 +181,7 @@ class EarlyExitHeads(nn.Module):
         if rule != "learned":
             conf, logits = self.confidence(model, layer, x_ND, rule)
             return conf.double() >= tau, logits
-        return self.confidence_logit(layer, x_ND).double() >= _logit(tau), None
+        return self.score(layer, x_ND) >= _logit(tau), None
 
 
 def _logit(tau: float) -> float:
@@ -312,7 +332,8 @@ def decode_step(model, heads, tok_B, caches, pos: int, threshold=None, rule=None
         if not checks or blk not in heads.slot:
             continue
         if rule == "learned" and B == 1:  # fewest ops: score.item() vs logit(tau)
-            lg, go = None, heads.confidence_logit(blk, x[:, 0]).item() >= thr
+            score = heads.confidence_logit(blk, x[:, 0]).item() + heads.bonus(blk)
+            lg, go = None, score >= thr
         else:
             go, lg = heads.decide(model, blk, x[:, 0], tau, rule)
             go = bool(go.all())

@@ -4,12 +4,22 @@
         --output checkpoints/micro/early_exit [--steps 300] [--data FILE]
 
 Splits (characters, cut at line ends, as train.py): the last `--val-split` of the
-corpus is the test slice (reported, never tuned on); the last `--tune-fraction` of the
-rest is the tuning slice (heads never train on it); heads train on what is left.
-Heads: self-distillation KL(p_L || p_l) from the frozen model's final distribution
-plus next-token CE; the confidence MLP learns exp(-KL) by BCE (soft labels). The
-threshold is the one with the largest saving of block evaluations whose tuning-slice
-perplexity is at most `--max-ppl-increase` above the full model's.
+corpus is held out, as in train.py. `--tune-on heldout` (default): its windows
+alternate between the tuning slice (even) and the test slice (odd), so both are text
+the base model never trained on, from the same stretch of the corpus (its two halves
+differ: 109 vs 213 full-model ppl on the micro model). `--tune-on train-tail`: the
+tuning slice is the last `--tune-fraction` of the training split and the test slice
+all of the held-out tail. Heads never train on either slice.
+
+Phase 1, heads: self-distillation KL(p_L || p_l) from the frozen model's final
+distribution plus next-token CE. Phase 2, confidences, on the frozen heads: each
+probe's pre-sigmoid score z_l regresses logit(exp(-KL)) ~ -log KL by least squares
+over `--conf-windows` training windows (a log scale: what separates exits is whether
+KL is 0.001 or 0.01, which a BCE against exp(-KL) ~ 1 - KL barely sees; on the micro
+model the probe fitted this way exits about 1.5x as many tokens at the same ppl).
+Tuning: for each `--depth-bonus` a, the threshold with the largest saving of block
+evaluations whose tuning-slice perplexity is at most `--max-ppl-increase` above the
+full model's; the (a, threshold) that saves most is kept.
 
 DIR gets `early_exit.json` (config incl. threshold, base-model fingerprint, results)
 and `early_exit.safetensors`, written atomically (`write_dir_atomic`).
@@ -29,6 +39,7 @@ PROG = "early_exit_train"
 CONFIG_FILE = "early_exit.json"
 WEIGHTS_FILE = "early_exit.safetensors"
 FORMAT = "hmst-early-exit-v1"
+TUNE_ON = ("heldout", "train-tail")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,17 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="directory for the exit heads")
     p.add_argument("--data", default="data/tinyshakespeare.txt", help="text corpus")
     p.add_argument("--val-split", type=float, default=0.1, help="held-out test tail")
+    p.add_argument("--tune-on", choices=TUNE_ON, default="heldout",
+                   help="where the threshold is tuned (see above)")  # fmt: skip
     p.add_argument("--tune-fraction", type=float, default=0.05,
-                   help="tail of the training split to tune on")  # fmt: skip
+                   help="with --tune-on train-tail: its tail to tune on")  # fmt: skip
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--kl-weight", type=float, default=0.5, help="KL vs CE mix")
     p.add_argument("--adapter-rank", type=int, default=64)
     p.add_argument("--conf-hidden", type=int, default=0, help="0: linear probe")
+    p.add_argument("--conf-windows", type=int, default=400,
+                   help="training windows to fit the confidences on")  # fmt: skip
+    p.add_argument("--conf-epochs", type=int, default=8)
     p.add_argument("--exit-layers", type=int, nargs="+", default=None,
                    help="blocks with a head (default: all intermediate)")  # fmt: skip
     p.add_argument("--max-ppl-increase", type=float, default=0.01)
+    p.add_argument("--depth-bonus", type=float, nargs="+", default=[0.0, 1.0, 2.0],
+                   help="depth bonuses to tune over (early_exit.py)")  # fmt: skip
     p.add_argument("--tune-windows", type=int, default=None, help="default: all")
     p.add_argument("--test-windows", type=int, default=None, help="default: all")
     p.add_argument("--num-threads", type=int, default=1)
@@ -118,13 +136,39 @@ def load_heads(path: str, model):
 # -- data ------------------------------------------------------------------------------
 
 
-def prepare_splits(tokenizer, data: str, val_split: float, tune_fraction: float):
-    """(train, tune, test) token arrays; see the module docstring."""
+def prepare_splits(
+    tokenizer,
+    data: str,
+    seq_len: int,
+    val_split: float,
+    tune_fraction: float,
+    tune_on: str = "heldout",
+):
+    """(train token ids, tuning windows, test windows); see the module docstring."""
     from hmst.data import read_documents, split_documents_tail, tokenize_documents
 
-    rest, test = split_documents_tail(read_documents([data]), val_split)
-    train, tune = split_documents_tail(rest, tune_fraction)
-    return tuple(tokenize_documents(tokenizer, d) for d in (train, tune, test))
+    if tune_on not in TUNE_ON:
+        raise ValueError(f"tune_on must be one of {TUNE_ON}, got {tune_on!r}")
+    train, heldout = split_documents_tail(read_documents([data]), val_split)
+    if tune_on == "heldout":
+        windows = windows_of(tokenize_documents(tokenizer, heldout), seq_len, None)
+        return tokenize_documents(tokenizer, train), windows[0::2], windows[1::2]
+    train, tune = split_documents_tail(train, tune_fraction)
+    train, tune, test = (
+        tokenize_documents(tokenizer, d) for d in (train, tune, heldout)
+    )
+    return train, windows_of(tune, seq_len, None), windows_of(test, seq_len, None)
+
+
+def split_args(heads_dir: str) -> dict:
+    """The split a saved set of heads was tuned with (`prepare_splits` kwargs)."""
+    with open(os.path.join(heads_dir, CONFIG_FILE)) as f:
+        meta = json.load(f)["meta"]
+    return dict(
+        val_split=meta.get("val_split", 0.1),
+        tune_fraction=meta.get("tune_fraction", 0.05),
+        tune_on=meta.get("tune_on", "train-tail"),  # heads saved before the option
+    )
 
 
 def windows_of(ids, seq_len: int, max_windows: int | None):
@@ -133,13 +177,22 @@ def windows_of(ids, seq_len: int, max_windows: int | None):
     return eval_windows(TokenData([ids]), seq_len, max_windows or 10**9)
 
 
+def sample_windows(ids, seq_len: int, n: int, seed: int):
+    """`n` of the non-overlapping windows of `ids`, drawn without replacement."""
+    import numpy as np
+
+    windows = windows_of(ids, seq_len, None)
+    pick = np.random.default_rng(seed).permutation(len(windows))[:n]
+    return [windows[i] for i in sorted(pick)]
+
+
 # -- training --------------------------------------------------------------------------
 
 
 def head_losses(model, heads, x, y, kl_weight: float):
-    """Per exit layer: kl_weight * KL(p_L || p_l) + (1 - kl_weight) * CE, plus the
-    confidence BCE against exp(-KL). Returns (total loss, {layer: mean KL})."""
-    import torch
+    """Per exit layer: kl_weight * KL(p_L || p_l) + (1 - kl_weight) * CE (the heads
+    only; the confidences are fitted after, by `fit_confidence`). Returns (total loss,
+    {layer: mean KL})."""
     import torch.nn.functional as F
 
     from hmst.models.early_exit import base_hidden_states
@@ -152,13 +205,75 @@ def head_losses(model, heads, x, y, kl_weight: float):
         logp = F.log_softmax(heads.logits(model, layer, hs[layer]).float(), -1)
         kl_BT = (p_L * (logp_L - logp)).sum(-1)
         ce = F.nll_loss(logp.flatten(0, 1), y.flatten())
-        target = torch.exp(-kl_BT.detach())
-        bce = F.binary_cross_entropy_with_logits(
-            heads.confidence_logit(layer, hs[layer]), target
-        )
-        total = total + kl_weight * kl_BT.mean() + (1 - kl_weight) * ce + bce
+        total = total + kl_weight * kl_BT.mean() + (1 - kl_weight) * ce
         kls[layer] = kl_BT.mean().item()
     return total / len(heads.config.exit_layers), kls
+
+
+KL_FLOOR = 1e-4  # nats; below it every token is as safe to exit (bounds the target)
+
+
+def confidence_target(kl):
+    """logit(exp(-KL)) = -log(expm1(KL)): the pre-sigmoid score whose sigmoid is
+    exp(-KL), ~ -log KL for small KL."""
+    import torch
+
+    return -torch.log(torch.expm1(kl.clamp_min(KL_FLOOR)))
+
+
+def exit_features(model, heads, windows, batch_size: int = 8):
+    """Per exit layer: the residual streams (N, D) and each token's KL(p_L || p_l)
+    (N,) over `windows`, from the full model's states and the frozen heads."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from hmst.models.early_exit import base_hidden_states
+
+    layers = heads.config.exit_layers
+    xs, kls = {k: [] for k in layers}, {k: [] for k in layers}
+    with torch.no_grad():
+        for i in range(0, len(windows), batch_size):
+            w = torch.from_numpy(np.stack(windows[i : i + batch_size]).astype(np.int64))
+            hs, final = base_hidden_states(model, w[:, :-1])
+            logp_L = F.log_softmax(final.float(), -1)
+            for layer in layers:
+                logp = F.log_softmax(heads.logits(model, layer, hs[layer]).float(), -1)
+                kls[layer].append((logp_L.exp() * (logp_L - logp)).sum(-1).flatten())
+                xs[layer].append(hs[layer].flatten(0, 1))
+    return {k: (torch.cat(xs[k]), torch.cat(kls[k])) for k in layers}
+
+
+def fit_confidence(model, heads, windows, epochs: int, seed: int, lr: float = 1e-3):
+    """Phase 2: refit every confidence probe from scratch on the frozen heads, by least
+    squares on `confidence_target(KL)`, minibatches of 512 tokens. Returns
+    {layer: final training MSE}."""
+    import torch
+    import torch.nn.functional as F
+
+    from hmst.models.early_exit import confidence_mlp
+
+    g = torch.Generator().manual_seed(seed)
+    feats, mse = exit_features(model, heads, windows), {}
+    cfg, D = heads.config, model.config.d_model
+    for layer, (x_ND, kl_N) in feats.items():
+        torch.manual_seed(seed + layer)
+        probe = confidence_mlp(D, cfg.conf_hidden).to(x_ND.device)
+        heads.conf[heads.slot[layer]] = probe
+        opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=1e-4)
+        target = confidence_target(kl_N)
+        for _ in range(epochs):
+            perm = torch.randperm(len(target), generator=g)
+            for b in range(0, len(perm), 512):
+                k = perm[b : b + 512]
+                loss = F.mse_loss(heads.confidence_logit(layer, x_ND[k]), target[k])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            mse[layer] = F.mse_loss(heads.confidence_logit(layer, x_ND), target).item()
+    heads.eval().requires_grad_(False)
+    return mse
 
 
 def train_heads(model, heads, train_ids, steps, batch_size, lr, kl_weight, seed):
@@ -364,27 +479,44 @@ def run(args) -> dict:
     cfg = EarlyExitConfig(layers, args.adapter_rank, args.conf_hidden)
     heads = EarlyExitHeads(model.config, cfg).init_from(model)
     train, tune, test = prepare_splits(
-        tok, args.data, args.val_split, args.tune_fraction
+        tok, args.data, seq, args.val_split, args.tune_fraction, args.tune_on
     )
-    print(f"tokens: train {len(train):,} | tune {len(tune):,} | test {len(test):,}; "
+    print(f"train {len(train):,} tokens | tune {len(tune)} windows | test "
+          f"{len(test)} windows of {seq}; "
           f"heads {sum(p.numel() for p in heads.parameters()):,} params")  # fmt: skip
     t0 = time.time()
     log = train_heads(model, heads, train, args.steps, args.batch_size, args.lr,
                       args.kl_weight, args.seed)  # fmt: skip
+    conf_w = sample_windows(train, seq, args.conf_windows, args.seed)
+    conf_mse = fit_confidence(model, heads, conf_w, args.conf_epochs, args.seed)
+    print(f"confidence probes fitted on {len(conf_w)} windows: MSE "
+          + " ".join(f"{k}: {v:.3f}" for k, v in conf_mse.items()))  # fmt: skip
     train_s = time.time() - t0
-    tune_w = windows_of(tune, seq, args.tune_windows)
-    tau, tune_full, tune_rows = tune_threshold(
-        model, heads, tune_w, args.max_ppl_increase
-    )
-    print(f"\ntuning slice ({len(tune_w)} windows), full-model ppl "
-          f"{tune_full['ppl']:.3f}\n{TABLE_HEAD}")  # fmt: skip
-    for r in tune_rows:
-        print(format_row(f"{r['threshold']:.6f}", r, tune_full["ppl"]))
-    if tau is None:
+    tune_w = tune[: args.tune_windows]
+    best, tune_rows = None, []  # (saved, depth bonus, threshold)
+    for a in args.depth_bonus:
+        heads.config.depth_bonus = a
+        tau, tune_full, rows = tune_threshold(
+            model, heads, tune_w, args.max_ppl_increase
+        )
+        print(f"\ntuning slice ({len(tune_w)} windows), depth bonus {a:g}, "
+              f"full-model ppl {tune_full['ppl']:.3f}\n{TABLE_HEAD}")  # fmt: skip
+        for r in rows:
+            r["depth_bonus"] = a
+            print(format_row(f"{r['threshold']:.6f}", r, tune_full["ppl"]))
+        tune_rows += rows
+        if tau is not None:
+            saved = next(r for r in rows if r["threshold"] == tau)["saved_fraction"]
+            if best is None or saved > best[0]:
+                best = (saved, a, tau)
+    if best is None:
         print(f"no threshold keeps the ppl increase <= {args.max_ppl_increase:.1%}: "
               "saving heads with threshold 'never'")  # fmt: skip
-    heads.config.threshold = tau if tau is not None else NEVER
-    test_w = windows_of(test, seq, args.test_windows)
+    heads.config.depth_bonus = best[1] if best else 0.0
+    heads.config.threshold = best[2] if best else NEVER
+    print(f"\ntuned: depth bonus {heads.config.depth_bonus:g}, threshold "
+          f"{heads.config.threshold:.6f}")  # fmt: skip
+    test_w = test[: args.test_windows]
     test_full = evaluate_exit(model, heads, test_w, NEVER)
     test_exit = evaluate_exit(model, heads, test_w, heads.config.threshold)
     print(f"\ntest slice ({len(test_w)} windows, {test_full['tokens']:,} tokens)")
@@ -397,6 +529,11 @@ def run(args) -> dict:
         steps=args.steps,
         batch_size=args.batch_size,
         kl_weight=args.kl_weight,
+        val_split=args.val_split,
+        tune_on=args.tune_on,
+        tune_fraction=args.tune_fraction,
+        conf_windows=len(conf_w),
+        conf_mse=conf_mse,
         train_seconds=round(train_s, 1),
         max_ppl_increase=args.max_ppl_increase,
         tune=dict(full=tune_full, rows=tune_rows),
