@@ -113,6 +113,7 @@ def main():
     p.add_argument("--checkpoint", default=os.path.join(ROOT, "checkpoints/micro/best"))
     p.add_argument("--heads", required=True, help="early_exit_train --output DIR")
     p.add_argument("--data", default=os.path.join(ROOT, "data/tinyshakespeare.txt"))
+    p.add_argument("--val-file", help="the heads' --val-file, if it moved")
     p.add_argument("--sweep", type=float, nargs="+", default=None)
     p.add_argument("--max-prob", type=float, nargs="*", default=[],
                    help="also the max-prob rule at these thresholds")  # fmt: skip
@@ -141,6 +142,7 @@ def main():
     )
     L = model.config.n_layers
     splits = split_args(args.heads)  # the heads' own test slice
+    splits["val_file"] = args.val_file or splits["val_file"]
     _, _, windows = prepare_splits(tok, args.data, model.config.max_seq_len, **splits)
     windows = windows[: args.test_windows]
     say(f"# bench_early_exit: {args.checkpoint} + heads {args.heads}")

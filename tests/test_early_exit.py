@@ -7,10 +7,18 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from conftest import ROOT, tiny_config
 
+from hmst.data import (
+    TokenData,
+    eval_windows,
+    read_documents,
+    split_documents_tail,
+    tokenize_documents,
+)
 from hmst.models.base_moe import BaseMoEModel
 from hmst.models.early_exit import (
     NEVER,
@@ -29,19 +37,26 @@ from hmst.training.early_exit_train import (
     exit_features,
     exit_oracle,
     fit_confidence,
+    fit_kv_fill,
     head_losses,
     load_heads,
+    prepare_splits,
     save_heads,
 )
 
 L = 4
 
 
-def build(dtype=torch.float32, layers=(0, 1, 2), seed=0, rule="learned", hidden=16):
+def build(
+    dtype=torch.float32, layers=(0, 1, 2), seed=0, rule="learned", hidden=16,
+    kv_fill="copy",
+):  # fmt: skip
     torch.manual_seed(seed)
     cfg = tiny_config(n_layers=L)
     model = BaseMoEModel(config=cfg).to(dtype).eval().requires_grad_(False)
-    heads = EarlyExitHeads(cfg, EarlyExitConfig(layers, 8, hidden, rule=rule))
+    heads = EarlyExitHeads(
+        cfg, EarlyExitConfig(layers, 8, hidden, rule=rule, kv_fill=kv_fill)
+    )
     heads.init_from(model)
     with torch.no_grad():  # random, spread-out confidences and non-trivial adapters
         for p in list(heads.conf.parameters()) + list(heads.adapters.parameters()):
@@ -143,14 +158,17 @@ def test_prompt_positions_never_exit():
     torch.testing.assert_close(out["logits"][:, :10], ref[:, :10])
 
 
-@pytest.mark.parametrize("rule,bonus", [("learned", 0.0), ("learned", 1.5),
-                                        ("max_prob", 0.0)])  # fmt: skip
-def test_cached_decode_equals_teacher_forced_simulation(rule, bonus):
+@pytest.mark.parametrize("rule,bonus,fill", [("learned", 0.0, "copy"),
+                                             ("learned", 1.5, "copy"),
+                                             ("learned", 0.0, "learned"),
+                                             ("max_prob", 0.0, "copy")])  # fmt: skip
+def test_cached_decode_equals_teacher_forced_simulation(rule, bonus, fill):
     """Token-by-token decoding with the KV cache (K/V fill for skipped blocks) takes
     the same exit decisions and emits the same distributions as the layer-parallel
     teacher-forced pass over the whole sequence; fp64 so no decision sits on a
     rounding tie."""
-    model, heads = build(torch.float64, rule=rule)
+    model, heads = build(torch.float64, rule=rule, kv_fill=fill)
+    assert len(heads.kv_maps) == (3 if fill == "learned" else 0)  # 0_2 0_3 1_3
     heads.config.depth_bonus = bonus
     prompt = torch.randint(0, 300, (1, 6))
     if rule == "learned":
@@ -199,6 +217,33 @@ def test_fit_confidence_learns_to_rank_tokens_by_kl():
         top, bottom = kl[z >= z.median()], kl[z < z.median()]
         assert top.mean() < bottom.mean()
     assert all(not p.requires_grad for p in heads.parameters())
+
+
+def test_learned_kv_fill_fits_true_keys_values_better_than_copying():
+    """The copy fill k_proj(attn_norm(h_l)) is linear in rms_norm(h_l), so the
+    least-squares map can only fit block j's true K/V better on its own data."""
+    import torch.nn.functional as F
+
+    from hmst.models.early_exit import base_hidden_states
+
+    model, heads = build(kv_fill="learned")
+    windows = [torch.randint(0, 300, (33,)).numpy() for _ in range(24)]
+    r2 = fit_kv_fill(model, heads, windows, ridge=1e-6)
+    assert set(r2) == {"0_2", "0_3", "1_3"} and all(0 < v <= 1 for v in r2.values())
+    ids = torch.from_numpy(np.stack(windows)[:, :-1].astype(np.int64))
+    hs, _ = base_hidden_states(model, ids)
+    for name in r2:
+        l, j = map(int, name.split("_"))
+        attn, h_true = model.layers[j].attn, model.layers[j].attn_norm(hs[j - 1])
+        h_copy = model.layers[j].attn_norm(hs[l])
+        true = torch.cat([attn.k_proj(h_true), attn.v_proj(h_true)], -1)
+        copy = torch.cat([attn.k_proj(h_copy), attn.v_proj(h_copy)], -1)
+        learned = torch.cat(heads.fill(l, j, hs[l]), -1)
+        err_l, err_c = F.mse_loss(learned, true), F.mse_loss(copy, true)
+        assert err_l < err_c, (name, err_l.item(), err_c.item())
+        sst = (true - true.mean((0, 1))).square().sum()
+        r2_direct = (1 - (learned - true).square().sum() / sst).item()
+        assert r2[name] == pytest.approx(r2_direct, abs=1e-4)
 
 
 def test_confidence_target_is_the_logit_of_exp_minus_kl():
@@ -265,8 +310,47 @@ def test_cli_trains_tunes_and_saves(tmp_path, tokenizer):
     assert heads.config.threshold == doc["config"]["threshold"]
     assert heads.config.exit_layers == (0, 1)
     assert doc["meta"]["test"]["full"]["saved_fraction"] == 0.0
+    # --retune: the same weights, tuned again at another ppl budget.
+    r = _cli("--checkpoint", ckpt, "--output", out, "--data", str(corpus),
+             "--retune", "--max-ppl-increase", "0.5", "--depth-bonus", "0",
+             "--tune-windows", "4", "--test-windows", "4")  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    back = load_heads(out, model)
+    sd, sd2 = heads.state_dict(), back.state_dict()
+    assert all(torch.equal(sd[k], sd2[k]) for k in sd)
+    with open(os.path.join(out, CONFIG_FILE)) as f:
+        doc2 = json.load(f)
+    assert doc2["meta"]["max_ppl_increase"] == 0.5
+    assert doc2["meta"]["train_log"] == doc["meta"]["train_log"]
     r = _cli("--checkpoint", ckpt, "--output", ckpt)
     assert r.returncode == 2 and "must not be the checkpoint" in r.stderr
+
+
+def test_splits_alternate_heldout_windows_or_use_the_val_file(tmp_path, tokenizer):
+    text = open(os.path.join(ROOT, "data", "tinyshakespeare.txt")).read()[:40_000]
+    corpus, val = tmp_path / "c.txt", tmp_path / "v.txt"
+    corpus.write_text(text)
+    val.write_text(text[:8_000])
+    train, tune, test = prepare_splits(tokenizer, str(corpus), 32, 0.2, 0.05)
+    # Held-out windows alternate: tune gets the even ones, test the odd ones.
+    _, held = split_documents_tail(read_documents([str(corpus)]), 0.2)
+    windows = eval_windows(TokenData([tokenize_documents(tokenizer, held)]), 32, 10**9)
+    assert [w.tolist() for w in tune] == [w.tolist() for w in windows[0::2]]
+    assert [w.tolist() for w in test] == [w.tolist() for w in windows[1::2]]
+    whole = tokenize_documents(tokenizer, read_documents([str(corpus)]))
+    assert len(train) + sum(len(w) - 1 for w in windows) <= len(whole) + 1
+    # --val-file: all of the corpus trains the heads, the val file is split.
+    train2, tune2, test2 = prepare_splits(
+        tokenizer, str(corpus), 32, 0.2, 0.05, val_file=str(val)
+    )
+    ids = tokenize_documents(tokenizer, read_documents([str(val)]))
+    assert len(train2) == len(whole)
+    assert tune2[0].tolist() == ids[:33].tolist()
+    assert test2[0].tolist() == ids[32:65].tolist()
+    r = _cli("--checkpoint", str(tmp_path), "--output", str(tmp_path / "o"),
+             "--data", str(corpus), "--val-file", str(val),
+             "--tune-on", "train-tail")  # fmt: skip
+    assert r.returncode == 2 and "--val-file needs --tune-on heldout" in r.stderr
 
 
 def test_batched_decode_exits_when_every_row_is_confident():

@@ -15,9 +15,13 @@ Glossary (shape legend: B batch, T tokens, D d_model, V vocab, L blocks, N rows)
             blocks may cost more (a Lagrangian trade of ppl for blocks; 0: one
             threshold for every layer)
   K/V fill  a token that exits after block l still owes keys/values to blocks
-            l+1..L-1 (later tokens attend to them): they are computed from its exit
-            hidden state through those blocks' attn_norm + k_proj/v_proj only (no
-            query, no attention, no MoE). Counted apart from block evaluations.
+            l+1..L-1 (later tokens attend to them). Block l+1's are exact: its input
+            is the exit state. For blocks j >= l+2, `kv_fill="copy"` (CALM) runs
+            the exit state through block j's attn_norm + k_proj/v_proj;
+            `kv_fill="learned"` maps it with one linear map per (l, j), fitted by
+            ridge regression to block j's true keys/values (the same cost: one
+            D x 2 Hkv Dh matmul). No query, no attention, no MoE either way. Counted
+            apart from block evaluations.
 
 Why a learned confidence and not the head's max-prob: at micro size the tied head
 (D x V = 256 x 8192) costs more than a whole block, so testing max-prob at every exit
@@ -46,6 +50,7 @@ from hmst.models.layers import apply_rope
 from hmst.models.moe import grouped_experts, select_experts
 
 RULES = ("learned", "max_prob")
+KV_FILLS = ("copy", "learned")
 NEVER = 2.0  # a threshold above any confidence: the model runs every block
 
 
@@ -64,6 +69,8 @@ class EarlyExitConfig:
     """a >= 0: the learned rule's score gets + a ln(blocks saved) (tuned with it)."""
     rule: str = "learned"
     """"learned" (c_l) or "max_prob" (max softmax of head_l)."""
+    kv_fill: str = "copy"
+    """How an exited token's K/V for blocks j >= l+2 are made: "copy" or "learned"."""
 
     def __post_init__(self):
         self.exit_layers = tuple(int(i) for i in self.exit_layers)
@@ -75,6 +82,8 @@ class EarlyExitConfig:
             raise ValueError("adapter_rank, conf_hidden, depth_bonus must be >= 0")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {self.rule!r}")
+        if self.kv_fill not in KV_FILLS:
+            raise ValueError(f"kv_fill must be one of {KV_FILLS}, got {self.kv_fill!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -126,6 +135,15 @@ class EarlyExitHeads(nn.Module):
             for _ in range(n)
         )
         self.conf = nn.ModuleList(confidence_mlp(D, cfg.conf_hidden) for _ in range(n))
+        L, kv = model_cfg.n_layers, 2 * model_cfg.kv_heads * model_cfg.head_dim
+        self.kv_maps = nn.ModuleDict(
+            {
+                f"{i}_{j}": nn.Linear(D, kv)
+                for i in cfg.exit_layers
+                for j in range(i + 2, L)
+                if cfg.kv_fill == "learned"
+            }
+        )
 
     @torch.no_grad()
     def init_from(self, model) -> "EarlyExitHeads":
@@ -151,6 +169,17 @@ class EarlyExitHeads(nn.Module):
         training it never moves the exit head."""
         x = F.rms_norm(x_ND, (x_ND.shape[-1],), eps=self.model_config.norm_eps)
         return self.conf[self.slot[layer]](x).squeeze(-1)
+
+    def learned_fill(self, layer: int, block: int) -> bool:
+        """Whether block `block`'s K/V of a token that exited after `layer` come from
+        a learned map (else from the exit state through the block's own k/v)."""
+        return f"{layer}_{block}" in self.kv_maps
+
+    def fill(self, layer: int, block: int, x_ND: torch.Tensor):
+        """Learned K/V fill: exit state (N, D) after `layer` -> block `block`'s keys
+        and values (N, Hkv Dh) each, before RoPE."""
+        x = F.rms_norm(x_ND, (x_ND.shape[-1],), eps=self.model_config.norm_eps)
+        return self.kv_maps[f"{layer}_{block}"](x).chunk(2, dim=-1)
 
     def bonus(self, layer: int) -> float:
         """a ln(blocks saved) of an exit after `layer` (see `depth_bonus`)."""
@@ -211,13 +240,16 @@ def block_forward(layer, x_BTD, cos, sin, cache=None, pos: int = 0, mask=None):
     return x + moe_forward(layer.moe, layer.moe_norm(x).reshape(B * T, D)).view_as(x)
 
 
-def fill_kv(layer, x_BTD, cos, sin, cache, pos: int) -> None:
-    """K/V fill of a skipped block: keys/values from the exit hidden state only."""
+def fill_kv(layer, x_BTD, cos, sin, cache, pos: int, kv=None) -> None:
+    """K/V fill of a skipped block: keys/values from the exit hidden state through
+    the block's attn_norm + k/v, or `kv` = (k, v) (B, T, Hkv Dh) from a learned map."""
     attn = layer.attn
     B, T, _ = x_BTD.shape
-    h = layer.attn_norm(x_BTD)
-    k = attn.k_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
-    v = attn.v_proj(h).view(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    if kv is None:
+        h = layer.attn_norm(x_BTD)
+        kv = attn.k_proj(h), attn.v_proj(h)
+    k = kv[0].reshape(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
+    v = kv[1].reshape(B, T, attn.n_kv_heads, attn.head_dim).transpose(1, 2)
     cache.update(pos, apply_rope(k, cos, sin), v)
 
 
@@ -265,8 +297,13 @@ def early_exit_forward(
         if not bool(active_N.any()):  # everything exited: later blocks have no query
             break
         # Attention over every position: an exited position's keys/values come from
-        # its frozen exit state through this block's attn_norm/k/v (the K/V fill).
-        a = layer.attn(layer.attn_norm(x), cos, sin)
+        # its frozen exit state (the K/V fill; see the module docstring).
+        a = layer.attn(
+            layer.attn_norm(x),
+            cos,
+            sin,
+            kv_fn=kv_filler(heads, blk, x, exit_N, active_N),
+        )
         x_ND = torch.where(active_N.view(B, T, 1), x + a, x).reshape(B * T, D)
         idx = active_N.nonzero().squeeze(1)
         rows = x_ND.index_select(0, idx)
@@ -287,6 +324,33 @@ def early_exit_forward(
     idx = active_N.nonzero().squeeze(1)
     logits_NV[idx] = F.linear(model.norm(x.reshape(B * T, D)[idx]), head_weight(model))
     return dict(logits=logits_NV.view(B, T, V), exit_layer=exit_N.view(B, T))
+
+
+def kv_filler(heads, blk: int, x_BTD, exit_N, active_N):
+    """For `early_exit_forward` at block `blk`: None (every K/V from the states), or
+    the `kv_fn` that puts the learned fill of each exited position (exit layer l <=
+    blk - 2) in place of its projected keys/values."""
+    if heads is None or not heads.kv_maps:
+        return None
+    B, T, D = x_BTD.shape
+    groups = []
+    for layer in heads.config.exit_layers:
+        if heads.learned_fill(layer, blk):
+            rows = ((exit_N == layer) & ~active_N).nonzero().squeeze(1)
+            if rows.numel():
+                groups.append(
+                    (rows, heads.fill(layer, blk, x_BTD.reshape(-1, D)[rows]))
+                )
+    if not groups:
+        return None
+
+    def kv_fn(k, v):
+        k, v = k.reshape(B * T, -1).clone(), v.reshape(B * T, -1).clone()
+        for rows, (k_fill, v_fill) in groups:
+            k[rows], v[rows] = k_fill.to(k.dtype), v_fill.to(v.dtype)
+        return k.view(B, T, -1), v.view(B, T, -1)
+
+    return kv_fn
 
 
 def layer_counts(exit_layer: torch.Tensor, n_layers: int) -> dict:
@@ -338,8 +402,12 @@ def decode_step(model, heads, tok_B, caches, pos: int, threshold=None, rule=None
             go, lg = heads.decide(model, blk, x[:, 0], tau, rule)
             go = bool(go.all())
         if go:
-            for skipped in range(blk + 1, L):
-                fill_kv(model.layers[skipped], x, cos, sin, caches[skipped], pos)
+            for j in range(blk + 1, L):
+                kv = None
+                if heads.learned_fill(blk, j):
+                    k, v = heads.fill(blk, j, x[:, 0])
+                    kv = k[:, None], v[:, None]
+                fill_kv(model.layers[j], x, cos, sin, caches[j], pos, kv)
             return (lg if lg is not None else heads.logits(model, blk, x[:, 0])), blk
     return F.linear(model.norm(x[:, 0]), head_weight(model)), L - 1
 

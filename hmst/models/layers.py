@@ -101,15 +101,19 @@ class Attention(nn.Module):
         pos: int = 0,
         mask=None,
         rot: torch.Tensor | None = None,
+        kv_fn=None,
     ):
         """`rot` (Dh, Dh): `rope_matrix` of the position, for one new token (T = 1);
-        replaces cos/sin."""
+        replaces cos/sin. `kv_fn`: None, or (k, v) -> (k, v) applied to the projected
+        keys/values (B, T, Hkv Dh) before RoPE (early exit's learned K/V fill)."""
         B, T, _ = x.shape
         H, Hkv, Dh = self.n_heads, self.n_kv_heads, self.head_dim
         if self.qkv is not None:
             q, k, v = self.qkv(x).split([H * Dh, Hkv * Dh, Hkv * Dh], dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if kv_fn is not None:
+            k, v = kv_fn(k, v)
         q = q.view(B, T, H, Dh).transpose(1, 2)
         k = k.view(B, T, Hkv, Dh).transpose(1, 2)
         v = v.view(B, T, Hkv, Dh).transpose(1, 2)
