@@ -183,11 +183,8 @@ class EarlyExitHeads(nn.Module):
 
     def bonus(self, layer: int) -> float:
         """a ln(blocks saved) of an exit after `layer` (see `depth_bonus`)."""
-        saved = self.model_config.n_layers - 1 - layer
-        return (
-            self.config.depth_bonus * math.log(saved)
-            if self.config.depth_bonus
-            else 0.0
+        return self.config.depth_bonus * math.log(
+            self.model_config.n_layers - 1 - layer
         )
 
     def score(self, layer: int, x_ND: torch.Tensor) -> torch.Tensor:
