@@ -320,8 +320,17 @@ def test_cli_trains_tunes_and_saves(tmp_path, tokenizer):
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)
     with open(os.path.join(out, CONFIG_FILE)) as f:
         doc2 = json.load(f)
-    assert doc2["meta"]["max_ppl_increase"] == 0.5
-    assert doc2["meta"]["train_log"] == doc["meta"]["train_log"]
+    meta = doc2["meta"]
+    assert meta["max_ppl_increase"] == 0.5 and meta["tune_margin"] == 0.1
+    assert meta["train_log"] == doc["meta"]["train_log"]
+    # The tuned threshold keeps the tuning slice within the budget less the margin,
+    # and is the largest saving among the rows that do.
+    limit = meta["tune"]["full"]["ppl"] * (1 + 0.5 * 0.9)
+    ok = [r for r in meta["tune"]["rows"] if r["ppl"] <= limit]
+    chosen = next(r for r in ok if r["threshold"] == doc2["config"]["threshold"])
+    assert chosen["saved_fraction"] == max(r["saved_fraction"] for r in ok)
+    r = _cli("--checkpoint", ckpt, "--output", out, "--retune", "--tune-margin", "1")
+    assert r.returncode == 2 and "--tune-margin" in r.stderr
     r = _cli("--checkpoint", ckpt, "--output", ckpt)
     assert r.returncode == 2 and "must not be the checkpoint" in r.stderr
 
