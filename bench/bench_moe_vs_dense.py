@@ -10,6 +10,7 @@ Targets (issue #2): MoE val perplexity >= 5% lower; max/mean <= 1.5 and no exper
     python bench/bench_moe_vs_dense.py [--steps 200] [--threads 1] [--balance-bias RATE]
                                      [--seed 0] [--dropout P] [--corpus FILE]
                                      [--gate-scale S] [--only moe|dense]
+                                     [--set model.FIELD=VALUE ...]
 """
 
 import argparse
@@ -29,7 +30,7 @@ from common import (
     prepare_corpus,
     train_interleaved,
 )
-from hmst.configs.model_config import get_micro_config
+from hmst.configs.model_config import apply_overrides, get_micro_config
 from hmst.models.base_moe import BaseMoEModel
 
 
@@ -67,10 +68,21 @@ def main():
         choices=("moe", "dense"),
         help="train one model only (to explore; the claim needs both)",
     )
+    p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
+                   help="override a field of the micro config (repeatable), e.g. "
+                   "--set model.d_model=64 for a smaller pair")  # fmt: skip
     args = p.parse_args()
+    if any("=" not in item for item in args.set):
+        p.error("--set expects model.FIELD=VALUE")
+    try:
+        hcfg = apply_overrides(
+            get_micro_config(), dict(i.split("=", 1) for i in args.set)
+        )
+    except ValueError as e:
+        p.error(str(e))
     print("command: python " + " ".join(sys.argv), flush=True)
     torch.set_num_threads(args.threads)
-    cfg = get_micro_config().model
+    cfg = hcfg.model
     if args.balance_bias is not None:
         cfg = dataclasses.replace(cfg, balance_bias_rate=args.balance_bias)
     if args.gate_scale is not None:
