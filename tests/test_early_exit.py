@@ -315,6 +315,9 @@ def test_cli_trains_tunes_and_saves(tmp_path, tokenizer):
              "--retune", "--max-ppl-increase", "0.5", "--depth-bonus", "0",
              "--tune-windows", "4", "--test-windows", "4")  # fmt: skip
     assert r.returncode == 0, r.stderr
+    assert (
+        "tuning at d_ppl <= 45.00% (--max-ppl-increase 50.00%, margin 10%)" in r.stdout
+    )
     back = load_heads(out, model)
     sd, sd2 = heads.state_dict(), back.state_dict()
     assert all(torch.equal(sd[k], sd2[k]) for k in sd)

@@ -393,17 +393,13 @@ def decode_step(model, heads, tok_B, caches, pos: int, threshold=None, rule=None
         if not checks or blk not in heads.slot:
             continue
         if rule == "learned" and B == 1:  # fewest ops: score.item() vs logit(tau)
-            score = heads.confidence_logit(blk, x[:, 0]).item() + heads.bonus(blk)
-            lg, go = None, score >= thr
+            lg, go = None, heads.score(blk, x[:, 0]).item() >= thr
         else:
             go, lg = heads.decide(model, blk, x[:, 0], tau, rule)
             go = bool(go.all())
         if go:
             for j in range(blk + 1, L):
-                kv = None
-                if heads.learned_fill(blk, j):
-                    k, v = heads.fill(blk, j, x[:, 0])
-                    kv = k[:, None], v[:, None]
+                kv = heads.fill(blk, j, x[:, 0]) if heads.learned_fill(blk, j) else None
                 fill_kv(model.layers[j], x, cos, sin, caches[j], pos, kv)
             return (lg if lg is not None else heads.logits(model, blk, x[:, 0])), blk
     return F.linear(model.norm(x[:, 0]), head_weight(model)), L - 1

@@ -495,14 +495,17 @@ def candidate_thresholds(model, heads, windows, batch_size: int = 8):
     return sorted(set(taus), reverse=True)
 
 
-def tune_threshold(model, heads, windows, max_increase: float, refine: int = 4):
+def tune_threshold(
+    model, heads, windows, max_increase: float, refine: int = 4, full=None
+):
     """Largest saving with ppl <= (1 + max_increase) * full ppl on `windows`:
     exact evaluation of the candidate grid, then bisection between the best passing
-    candidate and the next lower one (which failed).
+    candidate and the next lower one (which failed). `full`: the full model's row on
+    `windows`, if already evaluated.
     Returns (threshold or None, full-model row, rows)."""
     from hmst.models.early_exit import NEVER
 
-    full = evaluate_exit(model, heads, windows, NEVER)
+    full = full or evaluate_exit(model, heads, windows, NEVER)
     limit = full["ppl"] * (1 + max_increase)
     rows = [
         evaluate_exit(model, heads, windows, tau)
@@ -605,9 +608,10 @@ def run(args) -> dict:
     print(f"tuning at d_ppl <= {tune_limit:.2%} (--max-ppl-increase "
           f"{args.max_ppl_increase:.2%}, margin {args.tune_margin:.0%})")  # fmt: skip
     best, tune_rows = None, []  # (saved, depth bonus, threshold)
+    tune_full = evaluate_exit(model, heads, tune_w, NEVER)  # the same for every a
     for a in args.depth_bonus:
         heads.config.depth_bonus = a
-        tau, tune_full, rows = tune_threshold(model, heads, tune_w, tune_limit)
+        tau, _, rows = tune_threshold(model, heads, tune_w, tune_limit, full=tune_full)
         print(f"\ntuning slice ({len(tune_w)} windows), depth bonus {a:g}, "
               f"full-model ppl {tune_full['ppl']:.3f}\n{TABLE_HEAD}")  # fmt: skip
         for r in rows:
